@@ -1,0 +1,65 @@
+"""Eager checks of user input, raising errors that say how to fix them."""
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattr import _tree
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def nonneg_float(name: str, value: Any, hint: str = "") -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}.") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.{hint}")
+    return v
+
+
+def positive_float(name: str, value: Any) -> float:
+    v = nonneg_float(name, value)
+    if v == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+    return v
+
+
+def finite_params(params: Any) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(
+                f"Parameter leaf {jax.tree_util.keystr(path)} contains NaN or inf; "
+                "attribution needs finite parameters."
+            )
+
+
+def finite_per_example(values: np.ndarray, ids: np.ndarray, what: str) -> None:
+    """Raises ValueError naming the first example whose value is not finite."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{what} is {values[i]} for training example id {int(ids[i])} (row {i})"
+            + (f" and {bad.size - 1} more" if bad.size > 1 else "")
+            + ". Fix or drop that example; nothing was computed for the others yet."
+        )
+
+
+def losses_in_chunks(loss: Callable, params: Any, data: Any, chunk: int) -> np.ndarray:
+    """Per-example losses, computed ``chunk`` rows at a time."""
+    n = _tree.leading_size(data)
+    fn = jax.jit(jax.vmap(loss, (None, 0)))
+    out = []
+    for start in range(0, n, chunk):
+        rows = _tree.slice_rows(data, start, min(start + chunk, n))
+        out.append(np.asarray(fn(params, rows)))
+    return np.concatenate(out)

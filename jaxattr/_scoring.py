@@ -1,0 +1,227 @@
+"""Forward-only scoring of queries against a parameter sketch."""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxattr import _checks, _tree
+from jaxattr._readout import JVP, CentralDifference, ForwardDifference
+from jaxattr._sketch import DenseSketch
+from jaxattr._task import measure_name
+from jaxattr._types import Array, Batch, Params
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Top proponents and opponents of each query.
+
+    Attributes:
+      proponents: ``(num_queries, k)`` ids of the examples with the largest
+        (most helpful) scores, best first.
+      proponent_scores: their scores.
+      opponents: ``(num_queries, k)`` ids with the most negative scores, most
+        harmful first.
+      opponent_scores: their scores (negative unless fewer than ``k`` harm).
+    """
+
+    proponents: Array
+    proponent_scores: Array
+    opponents: Array
+    opponent_scores: Array
+
+
+class Scorer:
+    """Attribution scores of query examples, read out with forward evaluations.
+
+    ``scorer(queries)[q, i]`` is ``tau(ids[i], q) = d measure(theta_eps, q) /
+    d eps`` for upweighting training example ``ids[i]`` (see
+    :class:`DenseSketch` for units): positive when the example pushes the
+    query's measurement up. Removing the example changes the measurement by
+    about ``-score / num_train``.
+
+    Built by :func:`scorer`; all methods are jitted and chunked.
+    """
+
+    def __init__(self, measure, params, sketch, readout, query_chunk, train_chunk):
+        self.measure = measure
+        self.params = params
+        self.sketch = sketch
+        self.readout = readout
+        self.query_chunk = query_chunk
+        self.train_chunk = min(train_chunk, sketch.num_train)
+        self._block = jax.jit(self._scores_block)
+        self._topk = jax.jit(self._topk_block, static_argnums=3)
+        self._self = jax.jit(self._self_block)
+
+    # Kernels ---------------------------------------------------------------
+
+    def _derivative(self, params, r, queries, base):
+        f = lambda p: jax.vmap(self.measure, (None, 0))(p, queries)
+        r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
+        return self.readout(f, params, r, base)
+
+    def _base(self, params, queries):
+        if isinstance(self.readout, ForwardDifference):
+            return jax.vmap(self.measure, (None, 0))(params, queries)
+        return None
+
+    def _scores_block(self, params, responses, queries):
+        base = self._base(params, queries)
+        per = lambda r: self._derivative(params, r, queries, base)
+        return jax.lax.map(per, responses, batch_size=self.train_chunk).T
+
+    def _topk_block(self, params, responses, queries, k):
+        n, c = self.sketch.num_train, self.train_chunk
+        q = _tree.leading_size(queries)
+        base = self._base(params, queries)
+        per = lambda r: self._derivative(params, r, queries, base)
+
+        def body(i, carry):
+            start = jnp.minimum(i * c, n - c)
+            r = jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), responses
+            )
+            s = jax.vmap(per)(r).T  # (q, c)
+            idx = (start + jnp.arange(c)).astype(jnp.int32)
+            fresh = idx >= i * c  # the clamped last chunk repeats earlier rows
+            hi = _merge(carry[0], jnp.where(fresh, s, -jnp.inf), idx, k)
+            lo = _merge(carry[1], jnp.where(fresh, -s, -jnp.inf), idx, k)
+            return hi, lo
+
+        empty = (
+            jnp.full((q, k), -jnp.inf, _dtype(params)),
+            jnp.zeros((q, k), jnp.int32),
+        )
+        return jax.lax.fori_loop(0, -(-n // c), body, (empty, empty))
+
+    def _self_block(self, params, responses, examples):
+        def one(args):
+            r, example = args
+            f = lambda p: self.measure(p, example)[None]
+            r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
+            return self.readout(f, params, r)[0]
+
+        return jax.lax.map(one, (responses, examples), batch_size=self.train_chunk)
+
+    # Public ----------------------------------------------------------------
+
+    def __call__(self, queries: Batch) -> Array:
+        """Scores ``(num_queries, num_train)`` for a batch of query examples."""
+        out = [
+            self._block(self.params, self.sketch.responses, chunk)[:m]
+            for chunk, m in self._query_chunks(queries)
+        ]
+        return jnp.concatenate(out, axis=0)
+
+    def top_k(self, queries: Batch, k: int = 10) -> TopK:
+        """Top-``k`` proponents and opponents per query, without the full score matrix."""
+        k = _checks.positive_int("k", k)
+        if k > self.sketch.num_train:
+            raise ValueError(
+                f"k={k} exceeds the {self.sketch.num_train} training examples "
+                "in the sketch; use k <= num_train."
+            )
+        parts = [
+            self._topk(self.params, self.sketch.responses, chunk, k)
+            for chunk, _ in self._query_chunks(queries)
+        ]
+        sizes = [m for _, m in self._query_chunks(queries)]
+        cat = lambda j, h: jnp.concatenate([p[j][h][:m] for p, m in zip(parts, sizes)])
+        ids = self.sketch.ids
+        return TopK(ids[cat(0, 1)], cat(0, 0), ids[cat(1, 1)], -cat(1, 0))
+
+    def self_influence(self, train_data: Batch) -> Array:
+        """``(num_train,)`` score of each training example against itself.
+
+        ``train_data`` rows must be in the sketch's row order. High values flag
+        examples the model fits only by memorising them (often mislabeled).
+        """
+        n = _tree.leading_size(train_data)
+        if n != self.sketch.num_train:
+            raise ValueError(
+                f"train_data has {n} examples but the sketch has {self.sketch.num_train}; "
+                "pass the training examples in the sketch's row order."
+            )
+        return self._self(self.params, self.sketch.responses, train_data)
+
+    def _query_chunks(self, queries):
+        q = _tree.leading_size(queries)
+        if q == 0:
+            raise ValueError("Got an empty query batch; pass at least one query.")
+        c = min(self.query_chunk, q)
+        for start in range(0, q, c):
+            stop = min(start + c, q)
+            yield (
+                _tree.pad_rows(_tree.slice_rows(queries, start, stop), c),
+                stop - start,
+            )
+
+
+def _dtype(params):
+    return jnp.result_type(*jax.tree.leaves(params))
+
+
+def _merge(carry, scores, idx, k):
+    vals = jnp.concatenate([carry[0], scores], axis=1)
+    inds = jnp.concatenate([carry[1], jnp.broadcast_to(idx, scores.shape)], axis=1)
+    top, pos = jax.lax.top_k(vals, k)
+    return top, jnp.take_along_axis(inds, pos, axis=1)
+
+
+def scorer(
+    measure: Callable,
+    params: Params,
+    sketch: DenseSketch,
+    *,
+    readout=None,
+    query_chunk: int = 64,
+    train_chunk: int = 256,
+) -> Scorer:
+    """A forward-only scorer of query batches against ``sketch``.
+
+    Args:
+      measure: ``measure(params, example) -> scalar`` for one query, e.g.
+        ``task.margin``. With a difference readout it is only ever evaluated,
+        never differentiated.
+      params: the parameters the sketch was simulated at.
+      sketch: a :class:`DenseSketch`.
+      readout: :class:`JVP` (default), :class:`CentralDifference` or
+        :class:`ForwardDifference`.
+      query_chunk: queries per kernel call.
+      train_chunk: training responses per vectorised step; bounds memory.
+
+    Returns:
+      A :class:`Scorer`; ``scorer(queries)`` gives ``(num_queries, num_train)``.
+
+    Raises:
+      ValueError: ``params`` do not match the sketch, or the sketch is tied to a
+        different measurement.
+    """
+    if not isinstance(sketch, DenseSketch):
+        raise TypeError(
+            f"sketch must be a jaxattr.DenseSketch, got {type(sketch).__name__}."
+        )
+    readout = JVP() if readout is None else readout
+    if not isinstance(readout, (JVP, CentralDifference, ForwardDifference)):
+        raise TypeError(
+            "readout must be jaxattr.JVP(), jaxattr.CentralDifference() or "
+            f"jaxattr.ForwardDifference(), got {readout!r}."
+        )
+    sketch.check_params(params)
+    tied = sketch.info.measurement
+    if tied is not None and tied != measure_name(measure):
+        raise ValueError(
+            f"This sketch was built for measurement {tied!r} but the scorer got "
+            f"{measure_name(measure)!r}. Score with {tied!r}, or simulate again without "
+            "measurement= to get a sketch any measurement can read."
+        )
+    return Scorer(
+        measure,
+        params,
+        sketch,
+        readout,
+        _checks.positive_int("query_chunk", query_chunk),
+        _checks.positive_int("train_chunk", train_chunk),
+    )
