@@ -1,5 +1,6 @@
 """Eager checks of user input, raising errors that say how to fix them."""
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -54,12 +55,18 @@ def finite_per_example(values: np.ndarray, ids: np.ndarray, what: str) -> None:
         )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _losses(loss, params, rows):
+    return jax.vmap(loss, (None, 0))(params, rows)
+
+
 def losses_in_chunks(loss: Callable, params: Any, data: Any, chunk: int) -> np.ndarray:
     """Per-example losses, computed ``chunk`` rows at a time."""
     n = _tree.leading_size(data)
-    fn = jax.jit(jax.vmap(loss, (None, 0)))
     out = []
     for start in range(0, n, chunk):
-        rows = _tree.slice_rows(data, start, min(start + chunk, n))
-        out.append(np.asarray(fn(params, rows)))
+        rows = _tree.pad_rows(
+            _tree.slice_rows(data, start, min(start + chunk, n)), min(chunk, n)
+        )
+        out.append(np.asarray(_losses(loss, params, rows))[: min(chunk, n - start)])
     return np.concatenate(out)

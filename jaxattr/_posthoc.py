@@ -1,5 +1,6 @@
 """Post-hoc simulation: each example's damped Gauss-Newton response from a checkpoint."""
 
+import functools
 from typing import Any, Callable, Literal
 
 import jax
@@ -42,19 +43,32 @@ def auto_step_size(
         else num_probes
     )
 
-    @jax.jit
-    def probe(i):
-        batch = curvature.sample(data, n, key, i)
-        op = curvature.operator(params, batch)
-        return top_eigenvalue(op, params, jax.random.fold_in(key, 10_000 + i))
-
-    lam_max = max(float(probe(i)) for i in range(probes))
+    lam_max = max(
+        float(_probe(params, data, key, i, curvature=curvature)) for i in range(probes)
+    )
     if not np.isfinite(lam_max) or lam_max < 0:
         raise ValueError(
             f"Power iteration gave curvature eigenvalue {lam_max}; the curvature is "
             "not finite at these parameters. Check the parameters and data for NaN/inf."
         )
     return 1.0 / (lam_max + damping + 1e-30), lam_max
+
+
+@functools.partial(jax.jit, static_argnames=("curvature",))
+def _probe(params, data, key, i, *, curvature):
+    n = _tree.leading_size(data)
+    op = curvature.operator(params, curvature.sample(data, n, key, i))
+    return top_eigenvalue(op, params, jax.random.fold_in(key, 10_000 + i))
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "curvature", "horizon"))
+def _respond_rows(
+    rows, params, data, key, damping, step_size, *, loss, curvature, horizon
+):
+    respond = response_fn(
+        loss, curvature, params, data, key, horizon, damping, step_size
+    )
+    return jax.vmap(respond)(rows)
 
 
 def response_fn(
@@ -186,12 +200,18 @@ def simulate(
     else:
         step_size = _checks.positive_float("step_size", step_size)
 
-    respond = response_fn(
-        task.loss, curvature, params, train_data, key, horizon, damping, step_size
+    fn = functools.partial(
+        _respond_rows,
+        params=params,
+        data=train_data,
+        key=key,
+        damping=damping,
+        step_size=step_size,
+        loss=task.loss,
+        curvature=curvature,
+        horizon=horizon,
     )
-    responses = _map_chunks(
-        jax.jit(jax.vmap(respond)), train_data, n, chunk_size, progress, "simulate"
-    )
+    responses = _map_chunks(fn, train_data, n, chunk_size, progress, "simulate")
     _check_finite_rows(responses, ids)
     settings = dict(
         horizon=horizon,

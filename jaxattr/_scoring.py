@@ -1,7 +1,8 @@
 """Forward-only scoring of queries against a parameter sketch."""
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,67 +51,14 @@ class Scorer:
         self.sketch = sketch
         self.readout = readout
         self.query_chunk = query_chunk
-        self.train_chunk = min(train_chunk, sketch.num_train)
-        self._block = jax.jit(self._scores_block)
-        self._topk = jax.jit(self._topk_block, static_argnums=3)
-        self._self = jax.jit(self._self_block)
-
-    # Kernels ---------------------------------------------------------------
-
-    def _derivative(self, params, r, queries, base):
-        f = lambda p: jax.vmap(self.measure, (None, 0))(p, queries)
-        r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
-        return self.readout(f, params, r, base)
-
-    def _base(self, params, queries):
-        if isinstance(self.readout, ForwardDifference):
-            return jax.vmap(self.measure, (None, 0))(params, queries)
-        return None
-
-    def _scores_block(self, params, responses, queries):
-        base = self._base(params, queries)
-        per = lambda r: self._derivative(params, r, queries, base)
-        return jax.lax.map(per, responses, batch_size=self.train_chunk).T
-
-    def _topk_block(self, params, responses, queries, k):
-        n, c = self.sketch.num_train, self.train_chunk
-        q = _tree.leading_size(queries)
-        base = self._base(params, queries)
-        per = lambda r: self._derivative(params, r, queries, base)
-
-        def body(i, carry):
-            start = jnp.minimum(i * c, n - c)
-            r = jax.tree.map(
-                lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), responses
-            )
-            s = jax.vmap(per)(r).T  # (q, c)
-            idx = (start + jnp.arange(c)).astype(jnp.int32)
-            fresh = idx >= i * c  # the clamped last chunk repeats earlier rows
-            hi = _merge(carry[0], jnp.where(fresh, s, -jnp.inf), idx, k)
-            lo = _merge(carry[1], jnp.where(fresh, -s, -jnp.inf), idx, k)
-            return hi, lo
-
-        empty = (
-            jnp.full((q, k), -jnp.inf, _dtype(params)),
-            jnp.zeros((q, k), jnp.int32),
-        )
-        return jax.lax.fori_loop(0, -(-n // c), body, (empty, empty))
-
-    def _self_block(self, params, responses, examples):
-        def one(args):
-            r, example = args
-            f = lambda p: self.measure(p, example)[None]
-            r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
-            return self.readout(f, params, r)[0]
-
-        return jax.lax.map(one, (responses, examples), batch_size=self.train_chunk)
+        self._how = _How(measure, readout, min(train_chunk, sketch.num_train))
 
     # Public ----------------------------------------------------------------
 
     def __call__(self, queries: Batch) -> Array:
         """Scores ``(num_queries, num_train)`` for a batch of query examples."""
         out = [
-            self._block(self.params, self.sketch.responses, chunk)[:m]
+            self._run(_scores_block, chunk)[:m]
             for chunk, m in self._query_chunks(queries)
         ]
         return jnp.concatenate(out, axis=0)
@@ -124,7 +72,7 @@ class Scorer:
                 "in the sketch; use k <= num_train."
             )
         parts = [
-            self._topk(self.params, self.sketch.responses, chunk, k)
+            self._run(_topk_block, chunk, k=k)
             for chunk, _ in self._query_chunks(queries)
         ]
         sizes = [m for _, m in self._query_chunks(queries)]
@@ -144,7 +92,28 @@ class Scorer:
                 f"train_data has {n} examples but the sketch has {self.sketch.num_train}; "
                 "pass the training examples in the sketch's row order."
             )
-        return self._self(self.params, self.sketch.responses, train_data)
+        return _self_block(
+            self.params, self.sketch.responses, train_data, how=self._how
+        )
+
+    def _run(self, kernel, examples, **kwargs):
+        """Calls a kernel, turning autodiff failures of the measure into advice."""
+        try:
+            return kernel(
+                self.params, self.sketch.responses, examples, how=self._how, **kwargs
+            )
+        except (ValueError, TypeError, NotImplementedError) as err:
+            text = str(err).lower()
+            if isinstance(self.readout, JVP) and (
+                "jvp" in text or "differentiat" in text
+            ):
+                raise TypeError(
+                    "The measurement cannot be differentiated by jax.jvp "
+                    f"({str(err).splitlines()[0]}). Use readout="
+                    "jaxattr.CentralDifference() or jaxattr.ForwardDifference(), "
+                    "which only evaluate the measurement."
+                ) from err
+            raise
 
     def _query_chunks(self, queries):
         q = _tree.leading_size(queries)
@@ -157,6 +126,66 @@ class Scorer:
                 _tree.pad_rows(_tree.slice_rows(queries, start, stop), c),
                 stop - start,
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class _How:
+    """Static configuration of the scoring kernels (hashable, for the jit cache)."""
+
+    measure: Callable
+    readout: Any
+    train_chunk: int
+
+    def derivative(self, params, r, queries, base):
+        """Readout of the measurements of ``queries`` along response ``r``."""
+        f = lambda p: jax.vmap(self.measure, (None, 0))(p, queries)
+        r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
+        return self.readout(f, params, r, base)
+
+    def base(self, params, queries):
+        """Unshifted measurements, shared by every response (one-sided only)."""
+        if isinstance(self.readout, ForwardDifference):
+            return jax.vmap(self.measure, (None, 0))(params, queries)
+        return None
+
+
+@functools.partial(jax.jit, static_argnames="how")
+def _scores_block(params, responses, queries, *, how):
+    base = how.base(params, queries)
+    per = lambda r: how.derivative(params, r, queries, base)
+    return jax.lax.map(per, responses, batch_size=how.train_chunk).T
+
+
+@functools.partial(jax.jit, static_argnames=("how", "k"))
+def _topk_block(params, responses, queries, *, how, k):
+    n = jax.tree.leaves(responses)[0].shape[0]
+    c, q = how.train_chunk, _tree.leading_size(queries)
+    base = how.base(params, queries)
+    per = lambda r: how.derivative(params, r, queries, base)
+
+    def body(i, carry):
+        start = jnp.minimum(i * c, n - c)
+        r = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), responses)
+        s = jax.vmap(per)(r).T  # (q, c)
+        idx = (start + jnp.arange(c)).astype(jnp.int32)
+        fresh = idx >= i * c  # the clamped last chunk repeats earlier rows
+        hi = _merge(carry[0], jnp.where(fresh, s, -jnp.inf), idx, k)
+        lo = _merge(carry[1], jnp.where(fresh, -s, -jnp.inf), idx, k)
+        return hi, lo
+
+    empty = (jnp.full((q, k), -jnp.inf, _dtype(params)), jnp.zeros((q, k), jnp.int32))
+    return jax.lax.fori_loop(0, -(-n // c), body, (empty, empty))
+
+
+@functools.partial(jax.jit, static_argnames="how")
+def _self_block(params, responses, examples, *, how):
+    def one(args):
+        r, example = args
+        f = lambda p: how.measure(p, example)[None]
+        r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
+        return how.readout(f, params, r)[0]
+
+    return jax.lax.map(one, (responses, examples), batch_size=how.train_chunk)
 
 
 def _dtype(params):

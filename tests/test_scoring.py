@@ -1,0 +1,166 @@
+"""Forward-only scoring: sign, readout agreement, chunking, callbacks, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_close, blobs, tanh_mlp
+
+import jaxattr
+
+
+@pytest.fixture(scope="module")
+def trained(x64_module):
+    """A tiny MLP trained to fit 40 blob examples, with its converged sketch."""
+    params, apply = tanh_mlp(jax.random.key(0), hidden=8)
+    data = blobs(jax.random.key(1), 40, noise=1.5)
+    task = jaxattr.classification(apply)
+    opt = optax.adam(0.05)
+    state = opt.init(params)
+    loss = lambda p: jnp.mean(jax.vmap(task.loss, (None, 0))(p, data))
+    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))
+    for _ in range(500):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+    sketch = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=2000,
+                              damping=1e-2, curvature=task.ggn(batch_size=None))
+    return task, params, data, sketch
+
+
+def test_duplicate_query_ranks_its_training_example_first(trained):
+    task, params, (x, y), sketch = trained
+    losses = jax.vmap(task.loss, (None, 0))(params, (x, y))
+    hardest = np.argsort(-np.asarray(losses))[:5]
+    score = jaxattr.scorer(task.margin, params, sketch)
+    same = score((x[hardest], y[hardest]))
+    other = score((x[hardest], (y[hardest] + 1) % 3))
+    for row, b in enumerate(hardest):
+        assert int(np.argmax(same[row])) == b
+        assert same[row, b] > 0
+        assert other[row, b] < 0
+
+
+def test_removal_prediction_has_the_documented_sign_and_units(trained):
+    task, params, data, sketch = trained
+    b, n = 7, 40
+    scores = jaxattr.scorer(task.margin, params, sketch)(data)
+    # Upweighting by eps = -1/n approximates removal: delta ~= -score / n.
+    predicted = -scores[:, b] / n
+    shifted = jax.tree.map(lambda p, r: p - r[b] / n, params, sketch.responses)
+    actual = jax.vmap(task.margin, (None, 0))(shifted, data) - jax.vmap(
+        task.margin, (None, 0))(params, data)
+    assert np.corrcoef(predicted, actual)[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("query_chunk, train_chunk", [(1, 40), (32, 40), (7, 3), (40, 1)])
+def test_chunking_and_batch_size_do_not_change_scores(trained, query_chunk, train_chunk):
+    task, params, data, sketch = trained
+    whole = jaxattr.scorer(task.margin, params, sketch, query_chunk=40, train_chunk=40)
+    part = jaxattr.scorer(task.margin, params, sketch, query_chunk=query_chunk,
+                          train_chunk=train_chunk)
+    assert_close(part(data), whole(data), rtol=1e-12)
+
+
+def test_one_query_at_a_time_equals_a_batch_of_32(trained):
+    task, params, data, sketch = trained
+    score = jaxattr.scorer(task.margin, params, sketch, query_chunk=32)
+    batch = score(jax.tree.map(lambda a: a[:32], data))
+    singles = jnp.concatenate([score(jax.tree.map(lambda a: a[i : i + 1], data))
+                               for i in range(32)])
+    assert_close(singles, batch, rtol=1e-12)
+
+
+@pytest.mark.parametrize("readout", [jaxattr.CentralDifference(),
+                                     jaxattr.ForwardDifference()])
+def test_difference_readouts_work_on_a_model_jax_cannot_differentiate(trained, readout):
+    task, params, data, sketch = trained
+
+    def numpy_margin(p, x, y):
+        h = np.tanh(x @ p["w1"] + p["b1"])
+        logits = h @ p["w2"] + p["b2"]
+        return np.asarray(logits[y] - np.log(np.exp(np.delete(logits, y)).sum()))
+
+    def opaque_margin(p, example):
+        shape = jax.ShapeDtypeStruct((), jnp.float64)
+        return jax.pure_callback(numpy_margin, shape, p, *example, vmap_method="sequential")
+
+    expected = jaxattr.scorer(task.margin, params, sketch)(data)
+    got = jaxattr.scorer(opaque_margin, params, sketch, readout=readout)(data)
+    assert_close(got, expected, rtol=1e-5 if readout.name == "forward_difference" else 1e-7)
+    with pytest.raises(TypeError, match="CentralDifference"):
+        jaxattr.scorer(opaque_margin, params, sketch)(data)
+
+
+def test_auto_step_agrees_with_jvp_in_float32(trained):
+    task, params, data, sketch = trained
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    sketch32 = jaxattr.DenseSketch(
+        jax.tree.map(lambda a: a.astype(jnp.float32), sketch.responses), sketch.ids,
+        sketch.info.__class__(jaxattr._tree.param_spec(params32), None, "posthoc"))
+    data32 = (data[0].astype(jnp.float32), data[1])
+    exact = jaxattr.scorer(task.margin, params32, sketch32)(data32)
+    for readout in (jaxattr.CentralDifference(), jaxattr.ForwardDifference()):
+        got = jaxattr.scorer(task.margin, params32, sketch32, readout=readout)(data32)
+        r = np.corrcoef(np.ravel(got), np.ravel(exact))[0, 1]
+        assert r > (0.9999 if readout.name == "central_difference" else 0.999), r
+
+
+def test_bfloat16_storage_keeps_the_ranking(trained):
+    task, params, data, sketch = trained
+    full = jaxattr.scorer(task.margin, params, sketch)(data)
+    half = jaxattr.scorer(task.margin, params, sketch.astype(jnp.bfloat16))(data)
+    assert sketch.astype(jnp.bfloat16).bytes_per_example() * 4 == sketch.bytes_per_example()
+    assert np.corrcoef(np.ravel(full), np.ravel(half))[0, 1] > 0.999
+
+
+def test_top_k_and_self_influence_match_the_score_matrix(trained):
+    task, params, data, sketch = trained
+    score = jaxattr.scorer(task.margin, params, sketch, train_chunk=7)
+    scores = np.asarray(score(data))
+    top = score.top_k(data, k=4)
+    np.testing.assert_array_equal(top.proponents, np.argsort(-scores, axis=1)[:, :4])
+    np.testing.assert_array_equal(top.opponents, np.argsort(scores, axis=1)[:, :4])
+    assert_close(top.proponent_scores, -np.sort(-scores, axis=1)[:, :4], rtol=1e-12)
+    assert_close(top.opponent_scores, np.sort(scores, axis=1)[:, :4], rtol=1e-12)
+    assert_close(score.self_influence(data), np.diag(scores), rtol=1e-10)
+
+
+def test_top_k_reports_ids_not_rows(trained):
+    task, params, data, sketch = trained
+    relabeled = jaxattr.DenseSketch(sketch.responses, sketch.ids + 1000, sketch.info)
+    top = jaxattr.scorer(task.margin, params, relabeled).top_k(data, k=2)
+    assert int(jnp.min(top.proponents)) >= 1000
+
+
+def test_parameters_that_do_not_match_the_sketch_are_refused(trained):
+    task, params, data, sketch = trained
+    wrong = dict(params, w1=params["w1"][:, :4])
+    with pytest.raises(ValueError, match=r"leaf \['w1'\] has shape \(4, 4\), expected \(4, 8\)"):
+        jaxattr.scorer(task.margin, wrong, sketch)
+    with pytest.raises(ValueError, match="leaves missing"):
+        jaxattr.scorer(task.margin, {"w1": params["w1"]}, sketch)
+
+
+def test_a_sketch_tied_to_a_measurement_refuses_another(trained):
+    task, params, data, _ = trained
+    tied = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=2,
+                            measurement=task.margin)
+    jaxattr.scorer(task.margin, params, tied)
+    with pytest.raises(ValueError, match="built for measurement 'margin'.*'neg_loss'"):
+        jaxattr.scorer(task.neg_loss, params, tied)
+
+
+def test_bad_scorer_arguments(trained):
+    task, params, data, sketch = trained
+    with pytest.raises(TypeError, match="readout must be"):
+        jaxattr.scorer(task.margin, params, sketch, readout="jvp")
+    with pytest.raises(ValueError, match="query_chunk must be a positive integer"):
+        jaxattr.scorer(task.margin, params, sketch, query_chunk=0)
+    score = jaxattr.scorer(task.margin, params, sketch)
+    with pytest.raises(ValueError, match="k=41 exceeds the 40 training examples"):
+        score.top_k(data, k=41)
+    with pytest.raises(ValueError, match="train_data has 39 examples but the sketch has 40"):
+        score.self_influence(jax.tree.map(lambda a: a[:39], data))
+    with pytest.raises(ValueError, match="leading"):
+        score((data[0], data[1][:3]))
