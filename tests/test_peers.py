@@ -1,10 +1,12 @@
-"""jaxattr's TRAK against the reference implementation (PyPI ``traker``), same weights.
+"""jaxattr's baselines against reference implementations in PyTorch, same weights.
 
-Skipped unless ``torch`` and ``traker`` are installed (``pip install
-jaxattr[peers]``). traker divides gradients by ``sqrt(num_params)`` and
-rescales its kernel inverse by an arbitrary constant, so its damping
-``lambda_reg`` is ours divided by ``num_params`` and the two score matrices
-agree up to one positive factor.
+TRAK against ``traker`` (the TRAK authors' package) and the explicit influence
+function against ``dattri``. Skipped unless ``torch`` and the package are
+installed (``pip install jaxattr[peers]``). traker divides gradients by
+``sqrt(num_params)`` and rescales its kernel inverse by an arbitrary constant,
+so its damping ``lambda_reg`` is ours divided by ``num_params`` and the two
+score matrices agree up to one positive factor. dattri's influence uses the
+same sign and units as jaxattr.
 """
 
 import logging
@@ -19,9 +21,14 @@ import jaxattr
 from jaxattr import baselines
 
 torch = pytest.importorskip("torch")
-trak = pytest.importorskip("trak")
-projectors = pytest.importorskip("trak.projectors")
-trak_utils = pytest.importorskip("trak.utils")
+try:
+    import trak
+    from trak import projectors
+    from trak import utils as trak_utils
+except ImportError:
+    trak = None
+
+needs_trak = pytest.mark.skipif(trak is None, reason="traker is not installed")
 
 N, Q, DIM, HIDDEN, CLASSES = 20, 6, 3, 4, 3
 
@@ -59,17 +66,16 @@ def _torch_order(model):
     return np.asarray(ravel_pytree(tree)[0])
 
 
-class _FixedProjector(projectors.NoOpProjector):
-    """A traker projector that multiplies by a given matrix (traker's flat order)."""
+def _fixed_projector(matrix):
+    """A traker projector that multiplies by ``matrix`` (in traker's flat order)."""
 
-    def __init__(self, matrix, **kw):
-        super().__init__(grad_dim=matrix.shape[0], proj_dim=matrix.shape[1], **kw)
-        self.matrix = torch.as_tensor(matrix)
+    class Fixed(projectors.NoOpProjector):
+        def project(self, grads, model_id):
+            if isinstance(grads, dict):
+                grads = trak_utils.vectorize(grads, device="cpu")
+            return grads @ torch.as_tensor(matrix)
 
-    def project(self, grads, model_id):
-        if isinstance(grads, dict):
-            grads = trak_utils.vectorize(grads, device="cpu")
-        return grads @ self.matrix
+    return Fixed(grad_dim=matrix.shape[0], proj_dim=matrix.shape[1], device="cpu")
 
 
 def _traker_scores(model, projector, train, queries, lambda_reg, save_dir):
@@ -100,6 +106,11 @@ def _agree_up_to_scale(ours, theirs, tol):
     np.testing.assert_allclose(ours, factor * theirs, atol=tol * np.abs(ours).max())
 
 
+def _to_jax(data):
+    return jnp.asarray(data[0]), jnp.asarray(data[1], jnp.int32)
+
+
+@needs_trak
 @pytest.mark.parametrize("lambda_reg", [0.01, 0.1])
 def test_unprojected_trak_matches_traker(tmp_path, lambda_reg):
     model = _torch_model()
@@ -109,18 +120,18 @@ def test_unprojected_trak_matches_traker(tmp_path, lambda_reg):
     noop = projectors.NoOpProjector(grad_dim=num_params, proj_dim=0, device="cpu")
     theirs = _traker_scores(model, noop, train, queries, lambda_reg, tmp_path)
     task = jaxattr.classification(_apply)
-    to_jax = lambda d: (jnp.asarray(d[0]), jnp.asarray(d[1], jnp.int32))
     scorer = baselines.trak(
         task,
         [params],
-        to_jax(train),
+        _to_jax(train),
         key=None,
         proj_dim=None,
         damping=lambda_reg * num_params,
     )
-    _agree_up_to_scale(scorer(to_jax(queries)), theirs, 1e-4)
+    _agree_up_to_scale(scorer(_to_jax(queries)), theirs, 1e-4)
 
 
+@needs_trak
 def test_projected_trak_matches_traker_with_the_same_projection(tmp_path):
     model = _torch_model()
     params = _jax_params(model)
@@ -132,15 +143,48 @@ def test_projected_trak_matches_traker_with_the_same_projection(tmp_path):
     )
     theirs_matrix = np.zeros((num_params, k), np.float32)
     theirs_matrix[_torch_order(model)] = np.asarray(ours)
-    projector = _FixedProjector(theirs_matrix, device="cpu")
+    projector = _fixed_projector(theirs_matrix)
     theirs = _traker_scores(model, projector, train, queries, 1e-3, tmp_path)
-    to_jax = lambda d: (jnp.asarray(d[0]), jnp.asarray(d[1], jnp.int32))
     scorer = baselines.trak(
         jaxattr.classification(_apply),
         [params],
-        to_jax(train),
+        _to_jax(train),
         key=key,
         proj_dim=k,
         damping=1e-3 * num_params,
     )
-    _agree_up_to_scale(scorer(to_jax(queries)), theirs, 1e-4)
+    _agree_up_to_scale(scorer(_to_jax(queries)), theirs, 1e-4)
+
+
+def test_explicit_influence_matches_dattri():
+    pytest.importorskip("dattri")
+    from dattri.algorithm.influence_function import IFAttributorExplicit
+    from dattri.task import AttributionTask
+
+    model = _torch_model()
+    params = _jax_params(model)
+    train, queries = _data(N, 1), _data(Q, 2)
+
+    def loss(torch_params, data):
+        logits = torch.func.functional_call(model, torch_params, data[0])
+        return torch.nn.functional.cross_entropy(logits, data[1])
+
+    def loader(data):
+        tensors = torch.utils.data.TensorDataset(*map(torch.as_tensor, data))
+        return torch.utils.data.DataLoader(tensors, batch_size=len(data[1]))
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    attributor = IFAttributorExplicit(task=task, device="cpu", regularization=0.1)
+    attributor.cache(loader(train))
+    theirs = attributor.attribute(loader(train), loader(queries)).detach().numpy().T
+    ours_task = jaxattr.classification(_apply)
+    scorer = baselines.influence_explicit(
+        ours_task,
+        params,
+        _to_jax(train),
+        damping=0.1,
+        curvature="hessian",
+        measure=ours_task.neg_loss,
+    )
+    ours = np.asarray(scorer(_to_jax(queries)))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * np.abs(ours).max())
