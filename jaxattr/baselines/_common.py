@@ -85,11 +85,29 @@ class FeatureScorer:
         return int(self.train_features.shape[0])
 
     def scores_from_features(self, features: Array) -> Array:
-        """``(num_queries, num_train)`` scores from ``query_features(queries)``."""
+        """Scores from precomputed query features.
+
+        Args:
+          features: ``(num_queries, num_features)`` from ``query_features``.
+
+        Returns:
+          ``(num_queries, num_train)`` scores.
+        """
         return _product(features, self.train_features, self.train_scale)
 
     def __call__(self, queries: Batch) -> Array:
-        """Scores ``(num_queries, num_train)``, positive = helpful to the query."""
+        """Attribution scores of a query batch.
+
+        Args:
+          queries: query examples stacked on a leading ``num_queries`` axis.
+
+        Returns:
+          ``(num_queries, num_train)`` scores; positive means upweighting the
+          training example raises the query's measurement.
+
+        Raises:
+          ValueError: an empty batch.
+        """
         parts = [
             self.scores_from_features(self.query_features(chunk))[:real]
             for chunk, real in self._chunks(queries)
@@ -98,6 +116,10 @@ class FeatureScorer:
 
     def top_k(self, queries: Batch, k: int = 10) -> TopK:
         """Top-``k`` proponents (largest scores) and opponents (most negative).
+
+        Args:
+          queries: query examples stacked on a leading ``num_queries`` axis.
+          k: how many of each.
 
         Returns:
           :class:`jaxattr.TopK` with ``(num_queries, k)`` ids and scores.
@@ -122,6 +144,10 @@ class FeatureScorer:
         Args:
           train_data: the training examples, in the row order used to build
             this scorer.
+
+        Returns:
+          ``(num_train,)`` self-influence; high values flag examples the model
+          fits by memorising them (often mislabeled).
 
         Raises:
           ValueError: a different number of examples.

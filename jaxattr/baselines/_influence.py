@@ -40,6 +40,15 @@ def ggn_matrix(task, params: Params, data: Batch, chunk: int) -> Array:
 
     ``J_i`` is the Jacobian of ``task.outputs`` and ``H_i`` the Hessian of
     ``task.output_loss`` in the outputs; flattened as ``ravel_pytree`` does.
+
+    Args:
+      task: a :class:`jaxattr.Task`.
+      params: parameters.
+      data: examples stacked on a leading ``num_train`` axis.
+      chunk: examples per vectorised step (static); bounds memory.
+
+    Returns:
+      The symmetric positive semi-definite matrix.
     """
     flat, unravel = ravel_pytree(params)
     p, n = flat.size, _tree.leading_size(data)
@@ -59,7 +68,17 @@ def ggn_matrix(task, params: Params, data: Batch, chunk: int) -> Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def hessian_matrix(task, params: Params, data: Batch, chunk: int) -> Array:
-    """``(num_params, num_params)`` exact Hessian of the mean training loss."""
+    """``(num_params, num_params)`` exact Hessian of the mean training loss.
+
+    Args:
+      task: a :class:`jaxattr.Task`.
+      params: parameters.
+      data: examples stacked on a leading ``num_train`` axis.
+      chunk: examples per vectorised step (static); bounds memory.
+
+    Returns:
+      The symmetric (possibly indefinite) Hessian.
+    """
     flat, unravel = ravel_pytree(params)
     n = _tree.leading_size(data)
 

@@ -41,6 +41,15 @@ def projection_matrix(key: Array, num_params: int, dim: int, dtype) -> Array:
     Entries are ``N(0, 1 / dim)``, drawn in blocks of :data:`BLOCK_ROWS` rows,
     block ``j`` from ``fold_in(key, j)``; :func:`project_streaming` gives the
     same product without holding the matrix.
+
+    Args:
+      key: ``jax.random`` key.
+      num_params: rows (flattened parameters, in ``ravel_pytree`` order).
+      dim: columns, the projected dimension.
+      dtype: entry dtype.
+
+    Returns:
+      ``(num_params, dim)`` array.
     """
     count = -(-num_params // BLOCK_ROWS)
     blocks = jax.vmap(lambda j: _block(key, j, dim, dtype))(jnp.arange(count))
@@ -48,7 +57,18 @@ def projection_matrix(key: Array, num_params: int, dim: int, dtype) -> Array:
 
 
 def project_streaming(grads: Array, key: Array, dim: int) -> Array:
-    """``grads @ projection_matrix(key, ...)``, one block of rows at a time."""
+    """``grads @ projection_matrix(key, num_params, dim)``, one block at a time.
+
+    Never holds more than :data:`BLOCK_ROWS` rows of the projection.
+
+    Args:
+      grads: ``(num_rows, num_params)`` flat gradients.
+      key: the projection's key.
+      dim: projected dimension.
+
+    Returns:
+      ``(num_rows, dim)`` projected gradients.
+    """
     rows, num_params = grads.shape
     count = -(-num_params // BLOCK_ROWS)
     padded = jnp.pad(grads, ((0, 0), (0, count * BLOCK_ROWS - num_params)))
@@ -176,21 +196,8 @@ def trak(
     Raises:
       TypeError, ValueError: malformed arguments or a task without a margin.
     """
-    task = _common.check_task(task)
-    if task.margin_view is None:
-        raise ValueError(
-            "TRAK needs a margin; build the task with jaxattr.classification(apply)."
-        )
-    models = _common.check_models(models)
-    dim = None if proj_dim is None else _checks.positive_int("proj_dim", proj_dim)
-    if dim is not None and key is None:
-        raise ValueError(
-            f"proj_dim={dim} needs a jax.random key for the projection; pass key=, "
-            "or proj_dim=None for unprojected gradients."
-        )
-    damping = _checks.nonneg_float("damping", damping)
-    chunk = min(
-        _checks.positive_int("chunk_size", chunk_size), _tree.leading_size(train_data)
+    task, models, dim, damping, chunk = _check_args(
+        task, models, train_data, key, proj_dim, damping, chunk_size
     )
     measure = task.margin if measure is None else measure
     flat = ravel_pytree(models[0])[0]
@@ -198,16 +205,8 @@ def trak(
     timer = _common.Timer()
 
     def features(params, proj):
-        phi = timer(
-            "train_gradients",
-            _projected_grads,
-            task.margin,
-            params,
-            train_data,
-            proj,
-            dim,
-            chunk,
-        )
+        args = (task.margin, params, train_data, proj, dim, chunk)
+        phi = timer("train_gradients", _projected_grads, *args)
         return timer("kernel_inverse", trak_features, phi, damping, damping == 0)
 
     train = [features(p, proj) for p, proj in zip(models, projs, strict=True)]
@@ -234,3 +233,21 @@ def trak(
         proj_dim=dim,
         num_models=len(models),
     )
+
+
+def _check_args(task, models, train_data, key, proj_dim, damping, chunk_size):
+    task = _common.check_task(task)
+    if task.margin_view is None:
+        raise ValueError(
+            "TRAK needs a margin; build the task with jaxattr.classification(apply)."
+        )
+    dim = None if proj_dim is None else _checks.positive_int("proj_dim", proj_dim)
+    if dim is not None and key is None:
+        raise ValueError(
+            f"proj_dim={dim} needs a jax.random key for the projection; pass key=, "
+            "or proj_dim=None for unprojected gradients."
+        )
+    damping = _checks.nonneg_float("damping", damping)
+    chunk = _checks.positive_int("chunk_size", chunk_size)
+    chunk = min(chunk, _tree.leading_size(train_data))
+    return task, _common.check_models(models), dim, damping, chunk

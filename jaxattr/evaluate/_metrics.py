@@ -27,7 +27,14 @@ class Correlation:
 
 
 def rankdata(a: ArrayLike) -> np.ndarray:
-    """Ranks ``1..n`` along the last axis, ties sharing their average rank."""
+    """Ranks ``1..n`` along the last axis, ties sharing their average rank.
+
+    Args:
+      a: array ``(..., n)``.
+
+    Returns:
+      float64 ranks of the same shape (as ``scipy.stats.rankdata(a, axis=-1)``).
+    """
     a = np.asarray(a, np.float64)
     order = np.argsort(a, axis=-1, kind="stable")
     ranks = np.empty_like(a)
@@ -47,9 +54,14 @@ def _rank_row(row: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def pearson_rows(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """Pearson correlation of matching rows of ``a`` and ``b`` ``(rows, n)``.
+    """Pearson correlation of matching rows of ``a`` and ``b``.
 
-    A row that is constant or holds a non-finite value in either input gets NaN.
+    Args:
+      a, b: ``(num_rows, n)`` arrays.
+
+    Returns:
+      ``(num_rows,)`` correlations; NaN for a row that is constant or holds a
+      non-finite value in either input.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = np.all(np.isfinite(a), -1) & np.all(np.isfinite(b), -1)

@@ -34,7 +34,14 @@ class Measurements:
     neg_loss: np.ndarray
 
     def target(self, name: Target) -> np.ndarray:
-        """The measurements of target ``"margin"`` or ``"neg_loss"``."""
+        """The measurements of target ``"margin"`` or ``"neg_loss"``.
+
+        Returns:
+          ``(num_subsets, num_seeds, num_queries)``.
+
+        Raises:
+          ValueError: an unknown target name.
+        """
         if name not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {name!r}.")
         return getattr(self, name)
@@ -56,6 +63,11 @@ def _check_data(name: str, data: Any) -> tuple[Array, Array]:
         )
     x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
     _tree.leading_size((x, y))
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name}[0] must hold floating-point inputs, got {x.dtype}. Normalise "
+            "the inputs first, e.g. (x / 255.0 - mean) / std as float32."
+        )
     if not jnp.issubdtype(y.dtype, jnp.integer) or y.ndim != 1:
         raise ValueError(
             f"{name}[1] must be integer class labels of shape (n,), got dtype "
@@ -149,7 +161,16 @@ def train_models(
 
 
 def unstack(stacked: Params) -> list:
-    """Splits parameters stacked on a leading axis into a list of pytrees."""
+    """Splits parameters stacked on a leading axis into a list of pytrees.
+
+    Args:
+      stacked: pytree whose leaves share a leading ``num_models`` axis, as
+        returned by :func:`train_models`.
+
+    Returns:
+      A list of ``num_models`` parameter pytrees, e.g. for
+      ``jaxattr.baselines.trak``.
+    """
     num = jax.tree.leaves(stacked)[0].shape[0]
     return [jax.tree.map(lambda a, m=m: a[m], stacked) for m in range(num)]
 
