@@ -156,3 +156,70 @@ def test_mismatched_data_shapes_raise(tiny):
     task, params, (x, y) = tiny
     with pytest.raises(ValueError, match="leading"):
         jaxattr.simulate(task, params, (x, y[:10]), key=jax.random.key(0), horizon=3)
+
+
+@pytest.mark.parametrize("which", ["ggn", "margin_ggn"])
+@pytest.mark.parametrize("horizon", [7, 300])
+def test_low_rank_closed_form_equals_running_the_recursion(tiny, which, horizon):
+    task, params, data = tiny
+    curvature = getattr(task, which)(batch_size=12, resample=False)
+    kwargs = dict(key=jax.random.key(5), horizon=horizon, damping=LAM)
+    looped = jaxattr.simulate(task, params, data, curvature=curvature, **kwargs)
+    closed = jaxattr.simulate(task, params, data, curvature=jaxattr.LowRank(curvature),
+                              **kwargs)
+    assert_close(closed.responses, looped.responses, rtol=1e-9)
+    assert dict(closed.info.settings)["step_size"] == pytest.approx(
+        dict(looped.info.settings)["step_size"], rel=1e-6)
+
+
+def test_low_rank_infinite_horizon_is_the_damped_inverse(tiny):
+    task, params, data = tiny
+    curvature = task.ggn(batch_size=None)
+    closed = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=None,
+                              damping=LAM, curvature=jaxattr.LowRank(curvature))
+    exact = explicit_responses(task, params, data, LAM, curvature)
+    assert_close(flat_rows(closed), exact, rtol=1e-9)
+
+
+def test_low_rank_truncation_keeps_the_top_directions(tiny):
+    task, params, data = tiny
+    curvature = task.margin_ggn(batch_size=None)
+    basis = jaxattr._lowrank.eigenbasis(jaxattr.LowRank(curvature, rank=3), params, data,
+                                        jax.random.key(0))
+    full = jaxattr._lowrank.eigenbasis(jaxattr.LowRank(curvature), params, data,
+                                       jax.random.key(0))
+    assert basis.values.shape == (3,)
+    assert_close(basis.values, full.values[:3], rtol=1e-10)
+    gram = basis.vectors @ basis.vectors.T
+    assert_close(gram, jnp.eye(3), atol=1e-10)
+
+
+def test_infinite_horizon_needs_low_rank_and_damping(tiny):
+    task, params, data = tiny
+    with pytest.raises(ValueError, match="horizon=None .* needs curvature=jaxattr.LowRank"):
+        jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=None,
+                         curvature=task.ggn())
+    with pytest.raises(ValueError, match="horizon=None needs damping > 0"):
+        jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=None,
+                         damping=0.0, curvature=jaxattr.LowRank(task.ggn(None)))
+
+
+def test_relative_damping_is_a_fraction_of_the_top_eigenvalue(tiny):
+    task, params, data = tiny
+    curvature = jaxattr.LowRank(task.margin_ggn(batch_size=None))
+    kwargs = dict(key=jax.random.key(0), horizon=40, curvature=curvature)
+    rel = jaxattr.simulate(task, params, data, damping=jaxattr.Relative(0.1), **kwargs)
+    settings = dict(rel.info.settings)
+    lam = 0.1 * settings["lambda_max"]
+    assert settings["damping"] == pytest.approx(lam)
+    absolute = jaxattr.simulate(task, params, data, damping=lam, **kwargs)
+    assert_close(rel.responses, absolute.responses, rtol=1e-12)
+
+
+def test_default_curvature_is_the_fixed_low_rank_margin_curvature(tiny):
+    task, _, _ = tiny
+    chosen = jaxattr.default_curvature(task, 20)
+    assert isinstance(chosen, jaxattr.LowRank)
+    assert chosen.curvature.name == "margin_ggn" and not chosen.curvature.resample
+    plain = jaxattr.Task(task.outputs, task.output_loss)
+    assert isinstance(jaxattr.default_curvature(plain, 20), jaxattr.GaussNewton)
