@@ -258,6 +258,11 @@ def test_lds_equals_a_scipy_spearman_loop():
     assert got.mean == pytest.approx(np.nanmean(want))
     same = evaluate.lds(scores, weights, mean_actual)
     np.testing.assert_allclose(same.per_query, got.per_query)
+    measured = evaluate.Measurements(margin=actual, neg_loss=-actual)
+    from_margin = evaluate.lds(scores, weights, measured)
+    from_loss = evaluate.lds(-scores, weights, measured, target="neg_loss")
+    np.testing.assert_allclose(from_margin.per_query, got.per_query)
+    np.testing.assert_allclose(from_loss.per_query, got.per_query)
 
 
 def test_loo_equals_a_scipy_pearson_loop_with_the_documented_sign():

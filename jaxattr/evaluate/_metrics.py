@@ -4,10 +4,12 @@ Everything here runs in float64 numpy on host arrays; no scipy.
 """
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
 from jaxattr._types import ArrayLike
+from jaxattr.evaluate._retrain import Measurements, Target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +88,15 @@ def _summarise(per_query: np.ndarray) -> Correlation:
     return Correlation(mean, per_query, skipped)
 
 
-def _seed_mean(actual: ArrayLike, name: str) -> np.ndarray:
+def _seed_mean(actual: Any, target: str) -> np.ndarray:
+    if isinstance(actual, Measurements):
+        actual = actual.target(target)
     actual = np.asarray(actual, np.float64)
     if actual.ndim == 3:
         return actual.mean(axis=1)
     if actual.ndim != 2:
         raise ValueError(
-            f"{name} must be (num_subsets, num_seeds, num_queries) or "
+            "actual must be Measurements, (num_subsets, num_seeds, num_queries) or "
             f"(num_subsets, num_queries), got shape {actual.shape}."
         )
     return actual
@@ -108,7 +112,9 @@ def _check_scores(scores: ArrayLike, num_queries: int) -> np.ndarray:
     return scores
 
 
-def lds(scores: ArrayLike, weights: ArrayLike, actual: ArrayLike) -> Correlation:
+def lds(
+    scores: ArrayLike, weights: ArrayLike, actual: Any, target: Target = "margin"
+) -> Correlation:
     """Linear datamodeling score: Spearman per query, averaged over queries.
 
     The prediction for subset ``s`` and query ``q`` is the subset sum
@@ -118,9 +124,10 @@ def lds(scores: ArrayLike, weights: ArrayLike, actual: ArrayLike) -> Correlation
     Args:
       scores: ``(num_queries, num_train)`` attribution scores.
       weights: ``(num_subsets, num_train)`` 0/1 subset weights, as retrained.
-      actual: ``(num_subsets, num_seeds, num_queries)`` from :func:`retrain`
-        (e.g. ``measurements.margin``), or already seed-averaged
+      actual: the :class:`Measurements` of :func:`retrain`, an array
+        ``(num_subsets, num_seeds, num_queries)`` or a seed-averaged
         ``(num_subsets, num_queries)``.
+      target: ``"margin"`` or ``"neg_loss"``, read from ``Measurements``.
 
     Returns:
       A :class:`Correlation`; queries whose predictions or actual values are
@@ -129,7 +136,7 @@ def lds(scores: ArrayLike, weights: ArrayLike, actual: ArrayLike) -> Correlation
     Raises:
       ValueError: shapes that do not fit together.
     """
-    actual = _seed_mean(actual, "actual")
+    actual = _seed_mean(actual, target)
     weights = np.asarray(weights, np.float64)
     scores = _check_scores(scores, actual.shape[1])
     if weights.shape != (actual.shape[0], scores.shape[1]):
@@ -141,7 +148,9 @@ def lds(scores: ArrayLike, weights: ArrayLike, actual: ArrayLike) -> Correlation
     return _summarise(pearson_rows(rankdata(predicted), rankdata(actual.T)))
 
 
-def loo(scores: ArrayLike, removed: ArrayLike, actual: ArrayLike) -> Correlation:
+def loo(
+    scores: ArrayLike, removed: ArrayLike, actual: Any, target: Target = "margin"
+) -> Correlation:
     """Leave-one-out correlation: Pearson per query, averaged over queries.
 
     Sign: a score ``tau(b, q)`` is the derivative for upweighting ``b``, so
@@ -153,9 +162,11 @@ def loo(scores: ArrayLike, removed: ArrayLike, actual: ArrayLike) -> Correlation
     Args:
       scores: ``(num_queries, num_train)`` attribution scores.
       removed: ``(num_removed,)`` row indices, as passed to :func:`loo_weights`.
-      actual: ``(1 + num_removed, num_seeds, num_queries)`` from
-        :func:`retrain` with ``loo_weights(num_train, removed)`` (row 0 the full
-        set), or seed-averaged ``(1 + num_removed, num_queries)``.
+      actual: the :class:`Measurements` of :func:`retrain` with
+        ``loo_weights(num_train, removed)`` (row 0 the full set), an array
+        ``(1 + num_removed, num_seeds, num_queries)`` or a seed-averaged
+        ``(1 + num_removed, num_queries)``.
+      target: ``"margin"`` or ``"neg_loss"``, read from ``Measurements``.
 
     Returns:
       A :class:`Correlation` over queries.
@@ -163,7 +174,7 @@ def loo(scores: ArrayLike, removed: ArrayLike, actual: ArrayLike) -> Correlation
     Raises:
       ValueError: shapes that do not fit together.
     """
-    actual = _seed_mean(actual, "actual")
+    actual = _seed_mean(actual, target)
     removed = np.asarray(removed)
     scores = _check_scores(scores, actual.shape[1])
     if removed.ndim != 1 or actual.shape[0] != 1 + len(removed):
