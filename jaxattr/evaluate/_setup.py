@@ -1,6 +1,7 @@
 """The training configuration that ground-truth retraining runs."""
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal
 
 import jax
@@ -113,6 +114,12 @@ def fingerprint(setup: TrainSetup, x0: Array) -> list:
     architecture, initialiser or optimizer hyperparameter changes them even when
     ``description`` does not.
     """
+    leaves = jax.tree.leaves(_probe(setup, x0))
+    return [np.asarray(leaf) for leaf in leaves]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probe(setup: TrainSetup, x0: Array) -> tuple:
     params = setup.init_fn(jax.random.PRNGKey(0))
     logits = setup.apply_fn(params, x0)
     state = setup.optimizer.init(params)
@@ -122,5 +129,4 @@ def fingerprint(setup: TrainSetup, x0: Array) -> list:
         u, state = setup.optimizer.update(fake, state, params)
         params = optax.apply_updates(params, u)
         updates.append(u)
-    leaves = jax.tree.leaves((params, logits, updates))
-    return [np.asarray(leaf) for leaf in leaves]
+    return params, logits, updates
