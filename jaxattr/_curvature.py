@@ -80,7 +80,7 @@ def top_eigenvalue(
         treedef,
         [
             jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
-            for k, x in zip(keys, leaves)
+            for k, x in zip(keys, leaves, strict=False)
         ],
     )
 

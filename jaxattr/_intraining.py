@@ -1,4 +1,4 @@
-"""In-training simulation: propagate each example's upweighting through the real optax step."""
+"""In-training simulation: carry each example's upweighting through real optax steps."""
 
 import dataclasses
 from typing import Any, Callable, NamedTuple
@@ -53,8 +53,8 @@ class InTraining(NamedTuple):
 def _split_opt(opt_state):
     leaves, treedef = jax.tree.flatten(opt_state)
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    floats = [x for x, f in zip(leaves, is_float) if f]
-    rest = [x for x, f in zip(leaves, is_float) if not f]
+    floats = [x for x, f in zip(leaves, is_float, strict=False) if f]
+    rest = [x for x, f in zip(leaves, is_float, strict=False) if not f]
     return floats, rest, treedef, is_float
 
 
@@ -100,7 +100,9 @@ def in_training(
 
       * ``init(params, opt_state, num_train) -> state``
       * ``update(state, params, opt_state, batch, ids) -> state``: call with the
-        parameters and optimizer state *before* the step on ``batch``.
+        parameters and optimizer state *before* the step on ``batch``. The
+        input ``state`` is consumed (its buffers are donated to the output),
+        so always continue with the returned state.
       * ``step(state, params, opt_state, batch, ids) -> (params, opt_state,
         state, loss)``: the train step and ``update`` in one, sharing its
         linearisation.
@@ -168,22 +170,9 @@ def in_training(
         (new_params, new_floats), (losses, new_rest) = fn(params, floats, mask)
         tangent = lambda p, f, w: fn(p, f, w)[0]
 
-        block = state.step % horizon
-        start = block * batch_size
-        # Retire the block whose perturbations have now run `horizon` steps.
-        retiring = jax.lax.dynamic_slice_in_dim(state.slot_ids, start, batch_size)
-        old = jax.tree.map(
-            lambda a: jax.lax.dynamic_slice_in_dim(a, start, batch_size),
-            state.tangent_params,
-        )
-        responses = _scatter_add(state.responses, retiring, old)
+        start = (state.step % horizon) * batch_size
+        responses, tp, to = _retire_block(state, start, batch_size)
         # Seed the block with this batch: a weight tangent, zero state tangent.
-        in_block = (jnp.arange(slots) // batch_size) == block
-        keep = lambda a: (
-            a * (~in_block).reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
-        )
-        tp = jax.tree.map(keep, state.tangent_params)
-        to = jax.tree.map(keep, state.tangent_opt)
         seed = jnp.where(valid, jnp.asarray(num_train, mask.dtype), 0.0)
         dw = jnp.zeros((slots, batch_size), mask.dtype)
         dw = jax.lax.dynamic_update_slice_in_dim(dw, jnp.diag(seed), start, axis=0)
@@ -208,21 +197,22 @@ def in_training(
         )
         return new_params, new_opt, state, mean_loss
 
-    core = jax.jit(_core)
+    core = jax.jit(_core, donate_argnums=0)
 
     def _check_concrete(state, batch, ids):
         n = _tree.leading_size(batch)
         if n != batch_size:
             raise ValueError(
-                f"in_training was built with batch_size={batch_size} but got a batch of {n} "
-                "rows. Pad short batches to batch_size with rows whose id is -1."
+                f"in_training was built with batch_size={batch_size} but got a batch "
+                f"of {n} rows. Pad short batches to batch_size with rows of id -1."
             )
         if isinstance(ids, jax.core.Tracer):
             return
         arr = np.asarray(ids)
         if arr.shape != (batch_size,):
             raise ValueError(
-                f"ids must have shape ({batch_size},), one per batch row; got {arr.shape}."
+                f"ids must have shape ({batch_size},), one per batch row; "
+                f"got {arr.shape}."
             )
         real = arr[arr != -1] if np.issubdtype(arr.dtype, np.integer) else arr
         num_train = jax.tree.leaves(state.responses)[0].shape[0]
@@ -268,6 +258,23 @@ def _dtype(params):
     return jnp.result_type(*jax.tree.leaves(params))
 
 
+def _retire_block(state, start, size):
+    """Adds the block of slots at ``start`` to the responses and zeroes it."""
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
+    retiring = take(state.slot_ids)
+    responses = _scatter_add(
+        state.responses, retiring, jax.tree.map(take, state.tangent_params)
+    )
+    clear = lambda a: jax.lax.dynamic_update_slice_in_dim(
+        a, jnp.zeros((size,) + a.shape[1:], a.dtype), start, 0
+    )
+    return (
+        responses,
+        jax.tree.map(clear, state.tangent_params),
+        jax.tree.map(clear, state.tangent_opt),
+    )
+
+
 def _scatter_add(responses, ids, rows):
     """``responses[ids] += rows`` skipping ids of -1."""
     safe = jnp.where(ids >= 0, ids, 0)
@@ -306,14 +313,16 @@ def _raise_flags(state):
         raise ValueError(
             f"update received example id {int(state.bad_id)}, which is out of range "
             "[0, num_train) or repeated within one batch. Pass unique ids in "
-            "0..num_train-1 (-1 for padding rows). The state is unchanged and can be "
-            "inspected."
+            "0..num_train-1 (-1 for padding rows). finalize raised before changing "
+            "the state, which can still be inspected."
         )
     if int(state.nonfinite_id) >= 0:
         raise ValueError(
             f"The training loss of example id {int(state.nonfinite_id)} was NaN or inf "
-            f"at update {int(state.nonfinite_step)}. Fix or drop that example; the state "
-            "is unchanged and can be inspected."
+            f"at simulated update {int(state.nonfinite_step)} (counting calls to "
+            "update/step from 0). If only that example is affected, fix or drop it; "
+            "if losses of many examples diverged, lower the learning rate. finalize "
+            "raised before changing the state, which can still be inspected."
         )
 
 

@@ -45,7 +45,8 @@ class LowRank:
     def __post_init__(self):
         if not isinstance(self.curvature, GaussNewton):
             raise TypeError(
-                f"LowRank needs a jaxattr.GaussNewton curvature, got {self.curvature!r}."
+                "LowRank needs a jaxattr.GaussNewton curvature, got "
+                f"{self.curvature!r}."
             )
         if self.rank is not None:
             _checks.positive_int("rank", self.rank)
@@ -59,7 +60,12 @@ class LowRank:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Eigenbasis:
-    """Top eigenpairs of a curvature: ``vectors (rank, num_params)``, ``values (rank,)``."""
+    """Top eigenpairs of a curvature.
+
+    Attributes:
+      vectors: ``(rank, num_params)`` orthonormal rows.
+      values: ``(rank,)`` eigenvalues, largest first.
+    """
 
     vectors: Array
     values: Array
@@ -87,7 +93,11 @@ _factor_rows_jit = jax.jit(_factor_rows, static_argnums=0)
 
 
 def factor(lowrank: LowRank, params: Params, data: Batch, key: Array) -> Array:
-    """``A`` with ``G = A^T A`` for the fixed curvature batch: ``(rows, num_params)``."""
+    """``A`` with ``G = A^T A`` for the fixed curvature batch.
+
+    Returns:
+      ``(batch_size * out_dim, num_params)``.
+    """
     n = _tree.leading_size(data)
     batch = lowrank.curvature.sample(data, n, key, 0)
     m = _tree.leading_size(batch)
@@ -132,7 +142,7 @@ def _project_back(a, u, values):
 def horizon_filter(
     values: Array, horizon: int | None, damping: float, step_size: float
 ) -> Array:
-    """``phi_K(s) = eta * sum_{j<K} (1 - eta (s + lam))^j``; ``1/(s+lam)`` when K is None.
+    """``phi_K(s) = eta * sum_{j<K} (1 - eta (s + lam))^j``, or ``1/(s+lam)`` if K=None.
 
     ``r_K = -phi_K(G) grad loss_b`` is the K-step recursion started at 0.
     """
@@ -155,7 +165,7 @@ def closed_form_fn(
     damping: float,
     step_size: float,
 ) -> Callable:
-    """Per-example response of the recursion with curvature ``basis``, in closed form."""
+    """Per-example response of the recursion on curvature ``basis``, in closed form."""
     _, unravel = ravel_pytree(params)
     phi = horizon_filter(basis.values, horizon, damping, step_size)
     phi0 = horizon_filter(jnp.zeros(()), horizon, damping, step_size)

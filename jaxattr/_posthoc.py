@@ -1,4 +1,4 @@
-"""Post-hoc simulation: each example's damped Gauss-Newton response from a checkpoint."""
+"""Post-hoc simulation: each example's damped Gauss-Newton response at a checkpoint."""
 
 import dataclasses
 import functools
@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr import _checks, _tree
-from jaxattr import _lowrank
+from jaxattr import _checks, _lowrank, _tree
 from jaxattr._curvature import GaussNewton, top_eigenvalue
 from jaxattr._lowrank import LowRank
 from jaxattr._progress import progress as _progress
@@ -330,7 +329,8 @@ def _map_chunks(
         stop = min(start + chunk, n)
         rows = _tree.pad_rows(_tree.slice_rows(data, start, stop), min(chunk, n))
         out = fn(rows)
-        parts.append(jax.tree.map(lambda a: a[: stop - start], out))
+        size = stop - start
+        parts.append(jax.tree.map(lambda a, size=size: a[:size], out))
     return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
 
 

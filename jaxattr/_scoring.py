@@ -64,7 +64,7 @@ class Scorer:
         return jnp.concatenate(out, axis=0)
 
     def top_k(self, queries: Batch, k: int = 10) -> TopK:
-        """Top-``k`` proponents and opponents per query, without the full score matrix."""
+        """Top-``k`` proponents and opponents per query, never holding all scores."""
         k = _checks.positive_int("k", k)
         if k > self.sketch.num_train:
             raise ValueError(
@@ -76,7 +76,9 @@ class Scorer:
             for chunk, _ in self._query_chunks(queries)
         ]
         sizes = [m for _, m in self._query_chunks(queries)]
-        cat = lambda j, h: jnp.concatenate([p[j][h][:m] for p, m in zip(parts, sizes)])
+        cat = lambda j, h: jnp.concatenate(
+            [p[j][h][:m] for p, m in zip(parts, sizes, strict=False)]
+        )
         ids = self.sketch.ids
         return TopK(ids[cat(0, 1)], cat(0, 0), ids[cat(1, 1)], -cat(1, 0))
 
@@ -89,7 +91,8 @@ class Scorer:
         n = _tree.leading_size(train_data)
         if n != self.sketch.num_train:
             raise ValueError(
-                f"train_data has {n} examples but the sketch has {self.sketch.num_train}; "
+                f"train_data has {n} examples but the sketch has "
+                f"{self.sketch.num_train}; "
                 "pass the training examples in the sketch's row order."
             )
         return _self_block(
@@ -243,8 +246,8 @@ def scorer(
     if tied is not None and tied != measure_name(measure):
         raise ValueError(
             f"This sketch was built for measurement {tied!r} but the scorer got "
-            f"{measure_name(measure)!r}. Score with {tied!r}, or simulate again without "
-            "measurement= to get a sketch any measurement can read."
+            f"{measure_name(measure)!r}. Score with {tied!r}, or simulate again "
+            "without measurement= to get a sketch any measurement can read."
         )
     return Scorer(
         measure,

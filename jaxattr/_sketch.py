@@ -81,7 +81,7 @@ class DenseSketch:
         )
 
     def check_params(self, params: Params) -> None:
-        """Raises ValueError unless ``params`` match the tree the sketch was built for."""
+        """Raises ValueError unless ``params`` match the sketch's parameter tree."""
         problem = _tree.spec_mismatch(self.info.param_spec, _tree.param_spec(params))
         if problem is not None:
             raise ValueError(
@@ -110,7 +110,8 @@ def check_ids(ids: Any, num_train: int | None = None, what: str = "ids") -> np.n
         bad = arr[(arr < 0) | (arr >= num_train)]
         if bad.size:
             raise ValueError(
-                f"{what} must lie in [0, num_train={num_train}); got {bad[:5].tolist()}. "
+                f"{what} must lie in [0, num_train={num_train}); "
+                f"got {bad[:5].tolist()}. "
                 "Use ids 0..num_train-1, or raise num_train."
             )
     elif (arr < 0).any():

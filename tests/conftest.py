@@ -38,7 +38,9 @@ def assert_close(a, b, rtol=1e-7, atol=0.0, what=""):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         scale = max(np.max(np.abs(y)), 1e-30)
         err = np.max(np.abs(x - y)) if x.size else 0.0
-        assert err <= atol + rtol * scale, f"{what}: max error {err:.3g}, scale {scale:.3g}"
+        assert err <= atol + rtol * scale, (
+            f"{what}: max error {err:.3g}, scale {scale:.3g}"
+        )
 
 
 def tanh_mlp(key, d_in=4, hidden=5, classes=3, scale=0.5):

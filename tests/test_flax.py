@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import assert_close, blobs
 from flax import linen, nnx
 
 import jaxattr
+from conftest import assert_close, blobs
 
 
 class LinenMLP(linen.Module):
@@ -34,16 +34,24 @@ def linen_model():
     model = LinenMLP()
     params = model.init(jax.random.key(0), jnp.zeros(4))
     d = params["params"]
-    plain = {"w1": d["Dense_0"]["kernel"], "b1": d["Dense_0"]["bias"],
-             "w2": d["Dense_1"]["kernel"], "b2": d["Dense_1"]["bias"]}
+    plain = {
+        "w1": d["Dense_0"]["kernel"],
+        "b1": d["Dense_0"]["bias"],
+        "w2": d["Dense_1"]["kernel"],
+        "b2": d["Dense_1"]["bias"],
+    }
     return model.apply, params, plain
 
 
 def nnx_model():
     graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
     apply = lambda s, x: nnx.merge(graphdef, s)(x)
-    plain = {"w1": state["hidden"]["kernel"][...], "b1": state["hidden"]["bias"][...],
-             "w2": state["out"]["kernel"][...], "b2": state["out"]["bias"][...]}
+    plain = {
+        "w1": state["hidden"]["kernel"][...],
+        "b1": state["hidden"]["bias"][...],
+        "w2": state["out"]["kernel"][...],
+        "b2": state["out"]["bias"][...],
+    }
     return apply, state, plain
 
 
@@ -57,10 +65,17 @@ def test_posthoc_matches_plain_function(build):
     data = blobs(jax.random.key(1), 16)
     kwargs = dict(key=jax.random.key(2), horizon=20, damping=1e-2)
     task, ref = jaxattr.classification(apply), jaxattr.classification(plain_apply)
-    sketch = jaxattr.simulate(task, params, data, curvature=task.ggn(batch_size=8), **kwargs)
-    ref_sketch = jaxattr.simulate(ref, plain, data, curvature=ref.ggn(batch_size=8), **kwargs)
-    assert_close(flat_scores(task, params, sketch, data),
-                 flat_scores(ref, plain, ref_sketch, data), rtol=1e-4)
+    sketch = jaxattr.simulate(
+        task, params, data, curvature=task.ggn(batch_size=8), **kwargs
+    )
+    ref_sketch = jaxattr.simulate(
+        ref, plain, data, curvature=ref.ggn(batch_size=8), **kwargs
+    )
+    assert_close(
+        flat_scores(task, params, sketch, data),
+        flat_scores(ref, plain, ref_sketch, data),
+        rtol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("build", [linen_model, nnx_model], ids=["linen", "nnx"])
@@ -69,8 +84,10 @@ def test_in_training_matches_plain_function(build):
     x, y = blobs(jax.random.key(1), 16)
     opt = optax.sgd(0.05, momentum=0.9)
     results = []
-    for task, p in ((jaxattr.classification(apply), params),
-                    (jaxattr.classification(plain_apply), plain)):
+    for task, p in (
+        (jaxattr.classification(apply), params),
+        (jaxattr.classification(plain_apply), plain),
+    ):
         sim = jaxattr.in_training(task, opt, horizon=3, batch_size=4)
         s = opt.init(p)
         state = sim.init(p, s, 16)

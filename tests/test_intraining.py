@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close, blobs, tanh_mlp
 
 import jaxattr
+from conftest import assert_close, blobs, tanh_mlp
 
 N, B = 12, 4
 
@@ -25,19 +25,22 @@ def train_reference(task, opt, params, data, schedule, weight):
     x, y = data
     for t, idx in enumerate(schedule):
         w = weight(t, idx)
-        batch_loss = lambda p: jnp.mean(w * jax.vmap(task.loss, (None, 0))(p, (x[idx], y[idx])))
+        batch_loss = lambda p: jnp.mean(
+            w * jax.vmap(task.loss, (None, 0))(p, (x[idx], y[idx]))
+        )
         updates, state = opt.update(jax.grad(batch_loss)(params), state, params)
         params = optax.apply_updates(params, updates)
     return params
 
 
 def finite_difference(task, opt, params, data, schedule, b, appear, horizon, eps=1e-6):
-    """d theta / d eps for upweighting b only at step `appear`, read `horizon` steps on."""
+    """d theta / d eps for upweighting b at step `appear` only, `horizon` steps on."""
     stop = min(appear + horizon, len(schedule))
 
     def run(sign):
         weight = lambda t, idx: jnp.where(
-            (jnp.asarray(idx) == b) & (t == appear), 1 + sign * N * eps, 1.0)
+            (jnp.asarray(idx) == b) & (t == appear), 1 + sign * N * eps, 1.0
+        )
         return train_reference(task, opt, params, data, schedule[:stop], weight)
 
     return jax.tree.map(lambda a, c: (a - c) / (2 * eps), run(1), run(-1))
@@ -49,8 +52,9 @@ def simulate_in_training(task, opt, params, data, schedule, horizon):
     state = sim.init(params, opt_state, N)
     x, y = data
     for idx in schedule:
-        params, opt_state, state, _ = sim.step(state, params, opt_state,
-                                               (x[idx], y[idx]), jnp.asarray(idx))
+        params, opt_state, state, _ = sim.step(
+            state, params, opt_state, (x[idx], y[idx]), jnp.asarray(idx)
+        )
     return sim.finalize(state), params
 
 
@@ -71,8 +75,10 @@ def test_response_equals_finite_difference_of_real_trajectories(x64, name, horiz
     sketch, _ = simulate_in_training(task, opt, params, data, schedule, horizon)
     for b in (0, 5):
         appearances = [t for t, idx in enumerate(schedule) if b in idx]
-        parts = [finite_difference(task, opt, params, data, schedule, b, t, horizon)
-                 for t in appearances]
+        parts = [
+            finite_difference(task, opt, params, data, schedule, b, t, horizon)
+            for t in appearances
+        ]
         expected = jax.tree.map(lambda *a: sum(a), *parts)
         got = jax.tree.map(lambda a: a[b], sketch.responses)
         assert_close(got, expected, rtol=1e-7, what=f"{name} example {b}")
@@ -140,7 +146,9 @@ def test_padding_rows_are_ignored(x64):
     idx = np.array([3, 4, 0, 0])
     ids = np.array([3, 4, -1, -1])
     p_pad, _, state, _ = sim.step(state, params, s, (x[idx], y[idx]), ids)
-    ref = train_reference(task, opt, params, (x, y), [np.array([3, 4])], lambda t, i: 1.0)
+    ref = train_reference(
+        task, opt, params, (x, y), [np.array([3, 4])], lambda t, i: 1.0
+    )
     assert_close(p_pad, ref, rtol=1e-12)
     sketch = sim.finalize(state)
     assert float(jnp.abs(sketch.responses["w1"][0]).sum()) == 0.0
@@ -152,7 +160,9 @@ def setup(x64):
     opt = OPTIMIZERS["sgd_momentum"]
     params, apply = tanh_mlp(jax.random.key(0))
     x, y = blobs(jax.random.key(1), N)
-    sim = jaxattr.in_training(jaxattr.classification(apply), opt, horizon=2, batch_size=B)
+    sim = jaxattr.in_training(
+        jaxattr.classification(apply), opt, horizon=2, batch_size=B
+    )
     opt_state = opt.init(params)
     return sim, params, opt_state, (x, y), sim.init(params, opt_state, N)
 
@@ -160,7 +170,11 @@ def setup(x64):
 @pytest.mark.parametrize(
     "ids, match",
     [
-        ([0, 1, 2, 12], r"ids \(use -1 for padding rows\) must lie in \[0, num_train=12\); got \[12\]"),
+        (
+            [0, 1, 2, 12],
+            r"ids \(use -1 for padding rows\) must lie in \[0, num_train=12\); "
+            r"got \[12\]",
+        ),
         ([0, 1, 1, 2], r"must be unique; duplicated: \[1\]"),
         ([0, 1, 2], r"ids must have shape \(4,\)"),
         ([0.0, 1.0, 2.0, 3.0], "must be a 1-D array of integers"),
@@ -176,7 +190,9 @@ def test_bad_ids_inside_jit_are_reported_by_finalize(setup):
     sim, params, opt_state, (x, y), state = setup
     update = jax.jit(sim.update)
     state = update(state, params, opt_state, (x[:4], y[:4]), jnp.array([0, 1, 1, 2]))
-    with pytest.raises(ValueError, match="example id 1, which is out of range .* or repeated"):
+    with pytest.raises(
+        ValueError, match="example id 1, which is out of range .* or repeated"
+    ):
         sim.finalize(state)
 
 
@@ -185,7 +201,9 @@ def test_nonfinite_loss_is_named_by_id(setup):
     x = x.at[5].set(jnp.inf)
     state = sim.update(state, params, opt_state, (x[:4], y[:4]), jnp.arange(4))
     state = sim.update(state, params, opt_state, (x[4:8], y[4:8]), jnp.arange(4, 8))
-    with pytest.raises(ValueError, match="loss of example id 5 was NaN or inf at update 1"):
+    with pytest.raises(
+        ValueError, match="loss of example id 5 was NaN or inf at simulated update 1"
+    ):
         sim.finalize(state)
 
 
@@ -196,7 +214,9 @@ def test_wrong_batch_size_and_settings_are_refused(setup):
     task = jaxattr.classification(lambda p, x: x)
     with pytest.raises(ValueError, match="horizon must be a positive integer"):
         jaxattr.in_training(task, optax.sgd(0.1), horizon=0, batch_size=4)
-    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
+    with pytest.raises(
+        TypeError, match="optimizer must be an optax GradientTransformation"
+    ):
         jaxattr.in_training(task, "sgd", batch_size=4)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         jaxattr.in_training(task, optax.sgd(0.1), batch_size=-2)

@@ -1,13 +1,13 @@
-"""Post-hoc recursion: convergence to the explicit damped inverse, equivalences, errors."""
+"""Post-hoc recursion: convergence to the explicit damped inverse, equivalences."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
 from jax.flatten_util import ravel_pytree
 
 import jaxattr
+from conftest import assert_close
 from jaxattr._posthoc import response_fn
 
 LAM = 0.05
@@ -33,27 +33,44 @@ def test_converges_to_explicit_inverse_as_horizon_grows(tiny):
     errors = []
     for horizon in (5, 50, 500, 3000):
         sketch = jaxattr.simulate(
-            task, params, data, key=jax.random.key(0), horizon=horizon,
-            damping=LAM, curvature=curvature)
+            task,
+            params,
+            data,
+            key=jax.random.key(0),
+            horizon=horizon,
+            damping=LAM,
+            curvature=curvature,
+        )
         diff = flat_rows(sketch) - exact
         errors.append(float(jnp.linalg.norm(diff) / jnp.linalg.norm(exact)))
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 1e-10, errors
 
 
 def test_readouts_agree_with_each_other_and_explicit_influence(tiny):
     task, params, data = tiny
     curvature = task.ggn(batch_size=None)
-    sketch = jaxattr.simulate(task, params, data, key=jax.random.key(0),
-                              horizon=3000, damping=LAM, curvature=curvature)
+    sketch = jaxattr.simulate(
+        task,
+        params,
+        data,
+        key=jax.random.key(0),
+        horizon=3000,
+        damping=LAM,
+        curvature=curvature,
+    )
     exact = explicit_responses(task, params, data, LAM, curvature)
     grad_m = jax.vmap(lambda z: ravel_pytree(jax.grad(task.margin)(params, z))[0])
     influence = grad_m(data) @ exact.T  # (queries, train)
     scores = {}
-    for readout in (jaxattr.JVP(), jaxattr.CentralDifference(),
-                    jaxattr.ForwardDifference()):
-        scores[readout.name] = jaxattr.scorer(task.margin, params, sketch,
-                                              readout=readout)(data)
+    for readout in (
+        jaxattr.JVP(),
+        jaxattr.CentralDifference(),
+        jaxattr.ForwardDifference(),
+    ):
+        scores[readout.name] = jaxattr.scorer(
+            task.margin, params, sketch, readout=readout
+        )(data)
     assert_close(scores["jvp"], influence, rtol=1e-9, what="jvp vs explicit")
     assert_close(scores["central_difference"], scores["jvp"], rtol=1e-8)
     assert_close(scores["forward_difference"], scores["jvp"], rtol=1e-6)
@@ -63,9 +80,19 @@ def test_vmapped_equals_python_loop(tiny):
     task, params, data = tiny
     curvature = task.ggn(batch_size=8)
     key = jax.random.key(3)
-    sketch = jaxattr.simulate(task, params, data, key=key, horizon=20,
-                              damping=LAM, step_size=0.3, curvature=curvature)
-    respond = jax.jit(response_fn(task.loss, curvature, params, data, key, 20, LAM, 0.3))
+    sketch = jaxattr.simulate(
+        task,
+        params,
+        data,
+        key=key,
+        horizon=20,
+        damping=LAM,
+        step_size=0.3,
+        curvature=curvature,
+    )
+    respond = jax.jit(
+        response_fn(task.loss, curvature, params, data, key, 20, LAM, 0.3)
+    )
     for b in range(0, 20, 3):
         single = respond(jax.tree.map(lambda a: a[b], data))
         row = jax.tree.map(lambda a: a[b], sketch.responses)
@@ -75,8 +102,9 @@ def test_vmapped_equals_python_loop(tiny):
 @pytest.mark.parametrize("chunk_size", [1, 7])
 def test_chunked_equals_unchunked(tiny, chunk_size):
     task, params, data = tiny
-    kwargs = dict(key=jax.random.key(4), horizon=15, damping=LAM,
-                  curvature=task.ggn(batch_size=6))
+    kwargs = dict(
+        key=jax.random.key(4), horizon=15, damping=LAM, curvature=task.ggn(batch_size=6)
+    )
     whole = jaxattr.simulate(task, params, data, chunk_size=20, **kwargs)
     part = jaxattr.simulate(task, params, data, chunk_size=chunk_size, **kwargs)
     assert_close(part.responses, whole.responses, rtol=1e-12)
@@ -85,8 +113,14 @@ def test_chunked_equals_unchunked(tiny, chunk_size):
 def test_same_key_bitwise_other_key_differs(tiny):
     task, params, data = tiny
     run = lambda seed: jaxattr.simulate(
-        task, params, data, key=jax.random.key(seed), horizon=10, damping=LAM,
-        curvature=task.ggn(batch_size=5))
+        task,
+        params,
+        data,
+        key=jax.random.key(seed),
+        horizon=10,
+        damping=LAM,
+        curvature=task.ggn(batch_size=5),
+    )
     a, b, c = run(0), run(0), run(1)
     score = lambda s: np.asarray(jaxattr.scorer(task.margin, params, s)(data))
     np.testing.assert_array_equal(score(a), score(b))
@@ -100,15 +134,24 @@ def test_same_key_bitwise_other_key_differs(tiny):
 
 def test_fixed_minibatch_is_the_same_every_step(tiny):
     curvature = tiny[0].ggn(batch_size=5, resample=False)
-    draws = [curvature.sample(jnp.arange(20), 20, jax.random.key(0), k) for k in range(3)]
+    draws = [
+        curvature.sample(jnp.arange(20), 20, jax.random.key(0), k) for k in range(3)
+    ]
     np.testing.assert_array_equal(draws[0], draws[2])
 
 
 def test_three_identical_examples_without_damping_are_finite(tiny):
     task, params, (x, y) = tiny
     data = (jnp.stack([x[0]] * 3), jnp.stack([y[0]] * 3))
-    sketch = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=200,
-                              damping=0.0, curvature=task.ggn(batch_size=None))
+    sketch = jaxattr.simulate(
+        task,
+        params,
+        data,
+        key=jax.random.key(0),
+        horizon=200,
+        damping=0.0,
+        curvature=task.ggn(batch_size=None),
+    )
     scores = jaxattr.scorer(task.margin, params, sketch)(data)
     assert np.all(np.isfinite(scores))
     assert_close(scores[:, 0], scores[:, 1], rtol=1e-10)
@@ -117,8 +160,15 @@ def test_three_identical_examples_without_damping_are_finite(tiny):
 def test_margin_curvature_matches_its_explicit_inverse(tiny):
     task, params, data = tiny
     curvature = task.margin_ggn(batch_size=None)
-    sketch = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=4000,
-                              damping=LAM, curvature=curvature)
+    sketch = jaxattr.simulate(
+        task,
+        params,
+        data,
+        key=jax.random.key(0),
+        horizon=4000,
+        damping=LAM,
+        curvature=curvature,
+    )
     exact = explicit_responses(task, params, data, LAM, curvature)
     assert_close(flat_rows(sketch), exact, rtol=1e-8)
 
@@ -149,7 +199,9 @@ def test_nonfinite_loss_names_the_example(tiny):
     x = x.at[7].set(jnp.nan)
     ids = np.arange(100, 120)
     with pytest.raises(ValueError, match=r"example id 107 \(row 7\)"):
-        jaxattr.simulate(task, params, (x, y), key=jax.random.key(0), horizon=3, ids=ids)
+        jaxattr.simulate(
+            task, params, (x, y), key=jax.random.key(0), horizon=3, ids=ids
+        )
 
 
 def test_mismatched_data_shapes_raise(tiny):
@@ -165,18 +217,27 @@ def test_low_rank_closed_form_equals_running_the_recursion(tiny, which, horizon)
     curvature = getattr(task, which)(batch_size=12, resample=False)
     kwargs = dict(key=jax.random.key(5), horizon=horizon, damping=LAM)
     looped = jaxattr.simulate(task, params, data, curvature=curvature, **kwargs)
-    closed = jaxattr.simulate(task, params, data, curvature=jaxattr.LowRank(curvature),
-                              **kwargs)
+    closed = jaxattr.simulate(
+        task, params, data, curvature=jaxattr.LowRank(curvature), **kwargs
+    )
     assert_close(closed.responses, looped.responses, rtol=1e-9)
     assert dict(closed.info.settings)["step_size"] == pytest.approx(
-        dict(looped.info.settings)["step_size"], rel=1e-6)
+        dict(looped.info.settings)["step_size"], rel=1e-6
+    )
 
 
 def test_low_rank_infinite_horizon_is_the_damped_inverse(tiny):
     task, params, data = tiny
     curvature = task.ggn(batch_size=None)
-    closed = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=None,
-                              damping=LAM, curvature=jaxattr.LowRank(curvature))
+    closed = jaxattr.simulate(
+        task,
+        params,
+        data,
+        key=jax.random.key(0),
+        horizon=None,
+        damping=LAM,
+        curvature=jaxattr.LowRank(curvature),
+    )
     exact = explicit_responses(task, params, data, LAM, curvature)
     assert_close(flat_rows(closed), exact, rtol=1e-9)
 
@@ -184,10 +245,12 @@ def test_low_rank_infinite_horizon_is_the_damped_inverse(tiny):
 def test_low_rank_truncation_keeps_the_top_directions(tiny):
     task, params, data = tiny
     curvature = task.margin_ggn(batch_size=None)
-    basis = jaxattr._lowrank.eigenbasis(jaxattr.LowRank(curvature, rank=3), params, data,
-                                        jax.random.key(0))
-    full = jaxattr._lowrank.eigenbasis(jaxattr.LowRank(curvature), params, data,
-                                       jax.random.key(0))
+    basis = jaxattr._lowrank.eigenbasis(
+        jaxattr.LowRank(curvature, rank=3), params, data, jax.random.key(0)
+    )
+    full = jaxattr._lowrank.eigenbasis(
+        jaxattr.LowRank(curvature), params, data, jax.random.key(0)
+    )
     assert basis.values.shape == (3,)
     assert_close(basis.values, full.values[:3], rtol=1e-10)
     gram = basis.vectors @ basis.vectors.T
@@ -196,12 +259,27 @@ def test_low_rank_truncation_keeps_the_top_directions(tiny):
 
 def test_infinite_horizon_needs_low_rank_and_damping(tiny):
     task, params, data = tiny
-    with pytest.raises(ValueError, match="horizon=None .* needs curvature=jaxattr.LowRank"):
-        jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=None,
-                         curvature=task.ggn())
+    with pytest.raises(
+        ValueError, match="horizon=None .* needs curvature=jaxattr.LowRank"
+    ):
+        jaxattr.simulate(
+            task,
+            params,
+            data,
+            key=jax.random.key(0),
+            horizon=None,
+            curvature=task.ggn(),
+        )
     with pytest.raises(ValueError, match="horizon=None needs damping > 0"):
-        jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=None,
-                         damping=0.0, curvature=jaxattr.LowRank(task.ggn(None)))
+        jaxattr.simulate(
+            task,
+            params,
+            data,
+            key=jax.random.key(0),
+            horizon=None,
+            damping=0.0,
+            curvature=jaxattr.LowRank(task.ggn(None)),
+        )
 
 
 def test_relative_damping_is_a_fraction_of_the_top_eigenvalue(tiny):

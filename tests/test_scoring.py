@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close, blobs, tanh_mlp
 
 import jaxattr
+from conftest import assert_close, blobs, tanh_mlp
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,15 @@ def trained(x64_module):
     for _ in range(500):
         updates, state = step(params, state)
         params = optax.apply_updates(params, updates)
-    sketch = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=2000,
-                              damping=1e-2, curvature=task.ggn(batch_size=None))
+    sketch = jaxattr.simulate(
+        task,
+        params,
+        data,
+        key=jax.random.key(0),
+        horizon=2000,
+        damping=1e-2,
+        curvature=task.ggn(batch_size=None),
+    )
     return task, params, data, sketch
 
 
@@ -49,16 +56,22 @@ def test_removal_prediction_has_the_documented_sign_and_units(trained):
     predicted = -scores[:, b] / n
     shifted = jax.tree.map(lambda p, r: p - r[b] / n, params, sketch.responses)
     actual = jax.vmap(task.margin, (None, 0))(shifted, data) - jax.vmap(
-        task.margin, (None, 0))(params, data)
+        task.margin, (None, 0)
+    )(params, data)
     assert np.corrcoef(predicted, actual)[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("query_chunk, train_chunk", [(1, 40), (32, 40), (7, 3), (40, 1)])
-def test_chunking_and_batch_size_do_not_change_scores(trained, query_chunk, train_chunk):
+@pytest.mark.parametrize(
+    "query_chunk, train_chunk", [(1, 40), (32, 40), (7, 3), (40, 1)]
+)
+def test_chunking_and_batch_size_do_not_change_scores(
+    trained, query_chunk, train_chunk
+):
     task, params, data, sketch = trained
     whole = jaxattr.scorer(task.margin, params, sketch, query_chunk=40, train_chunk=40)
-    part = jaxattr.scorer(task.margin, params, sketch, query_chunk=query_chunk,
-                          train_chunk=train_chunk)
+    part = jaxattr.scorer(
+        task.margin, params, sketch, query_chunk=query_chunk, train_chunk=train_chunk
+    )
     assert_close(part(data), whole(data), rtol=1e-12)
 
 
@@ -66,13 +79,15 @@ def test_one_query_at_a_time_equals_a_batch_of_32(trained):
     task, params, data, sketch = trained
     score = jaxattr.scorer(task.margin, params, sketch, query_chunk=32)
     batch = score(jax.tree.map(lambda a: a[:32], data))
-    singles = jnp.concatenate([score(jax.tree.map(lambda a: a[i : i + 1], data))
-                               for i in range(32)])
+    singles = jnp.concatenate(
+        [score(jax.tree.map(lambda a: a[i : i + 1], data)) for i in range(32)]
+    )
     assert_close(singles, batch, rtol=1e-12)
 
 
-@pytest.mark.parametrize("readout", [jaxattr.CentralDifference(),
-                                     jaxattr.ForwardDifference()])
+@pytest.mark.parametrize(
+    "readout", [jaxattr.CentralDifference(), jaxattr.ForwardDifference()]
+)
 def test_difference_readouts_work_on_a_model_jax_cannot_differentiate(trained, readout):
     task, params, data, sketch = trained
 
@@ -83,11 +98,15 @@ def test_difference_readouts_work_on_a_model_jax_cannot_differentiate(trained, r
 
     def opaque_margin(p, example):
         shape = jax.ShapeDtypeStruct((), jnp.float64)
-        return jax.pure_callback(numpy_margin, shape, p, *example, vmap_method="sequential")
+        return jax.pure_callback(
+            numpy_margin, shape, p, *example, vmap_method="sequential"
+        )
 
     expected = jaxattr.scorer(task.margin, params, sketch)(data)
     got = jaxattr.scorer(opaque_margin, params, sketch, readout=readout)(data)
-    assert_close(got, expected, rtol=1e-5 if readout.name == "forward_difference" else 1e-7)
+    assert_close(
+        got, expected, rtol=1e-5 if readout.name == "forward_difference" else 1e-7
+    )
     with pytest.raises(TypeError, match="CentralDifference"):
         jaxattr.scorer(opaque_margin, params, sketch)(data)
 
@@ -96,8 +115,10 @@ def test_auto_step_agrees_with_jvp_in_float32(trained):
     task, params, data, sketch = trained
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     sketch32 = jaxattr.DenseSketch(
-        jax.tree.map(lambda a: a.astype(jnp.float32), sketch.responses), sketch.ids,
-        sketch.info.__class__(jaxattr._tree.param_spec(params32), None, "posthoc"))
+        jax.tree.map(lambda a: a.astype(jnp.float32), sketch.responses),
+        sketch.ids,
+        sketch.info.__class__(jaxattr._tree.param_spec(params32), None, "posthoc"),
+    )
     data32 = (data[0].astype(jnp.float32), data[1])
     exact = jaxattr.scorer(task.margin, params32, sketch32)(data32)
     for readout in (jaxattr.CentralDifference(), jaxattr.ForwardDifference()):
@@ -110,7 +131,10 @@ def test_bfloat16_storage_keeps_the_ranking(trained):
     task, params, data, sketch = trained
     full = jaxattr.scorer(task.margin, params, sketch)(data)
     half = jaxattr.scorer(task.margin, params, sketch.astype(jnp.bfloat16))(data)
-    assert sketch.astype(jnp.bfloat16).bytes_per_example() * 4 == sketch.bytes_per_example()
+    assert (
+        sketch.astype(jnp.bfloat16).bytes_per_example() * 4
+        == sketch.bytes_per_example()
+    )
     assert np.corrcoef(np.ravel(full), np.ravel(half))[0, 1] > 0.999
 
 
@@ -136,7 +160,9 @@ def test_top_k_reports_ids_not_rows(trained):
 def test_parameters_that_do_not_match_the_sketch_are_refused(trained):
     task, params, data, sketch = trained
     wrong = dict(params, w1=params["w1"][:, :4])
-    with pytest.raises(ValueError, match=r"leaf \['w1'\] has shape \(4, 4\), expected \(4, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"leaf \['w1'\] has shape \(4, 4\), expected \(4, 8\)"
+    ):
         jaxattr.scorer(task.margin, wrong, sketch)
     with pytest.raises(ValueError, match="leaves missing"):
         jaxattr.scorer(task.margin, {"w1": params["w1"]}, sketch)
@@ -144,8 +170,9 @@ def test_parameters_that_do_not_match_the_sketch_are_refused(trained):
 
 def test_a_sketch_tied_to_a_measurement_refuses_another(trained):
     task, params, data, _ = trained
-    tied = jaxattr.simulate(task, params, data, key=jax.random.key(0), horizon=2,
-                            measurement=task.margin)
+    tied = jaxattr.simulate(
+        task, params, data, key=jax.random.key(0), horizon=2, measurement=task.margin
+    )
     jaxattr.scorer(task.margin, params, tied)
     with pytest.raises(ValueError, match="built for measurement 'margin'.*'neg_loss'"):
         jaxattr.scorer(task.neg_loss, params, tied)
@@ -160,7 +187,9 @@ def test_bad_scorer_arguments(trained):
     score = jaxattr.scorer(task.margin, params, sketch)
     with pytest.raises(ValueError, match="k=41 exceeds the 40 training examples"):
         score.top_k(data, k=41)
-    with pytest.raises(ValueError, match="train_data has 39 examples but the sketch has 40"):
+    with pytest.raises(
+        ValueError, match="train_data has 39 examples but the sketch has 40"
+    ):
         score.self_influence(jax.tree.map(lambda a: a[:39], data))
     with pytest.raises(ValueError, match="leading"):
         score((data[0], data[1][:3]))
