@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxattr import _tree
 from jaxattr._task import classification
@@ -156,13 +157,32 @@ def chunks(num: int, size: int):
         yield np.where(rows < start + real, rows, start), real
 
 
+def model_sharding(size: int) -> NamedSharding | None:
+    """Splits a chunk of ``size`` models over the local devices, if there are several.
+
+    On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (set before
+    jax starts) gives one device per core; each device then trains its share of
+    the chunk on its own thread. Returns None for one device, or when ``size``
+    is not a multiple of the device count.
+    """
+    devices = jax.local_devices()
+    if len(devices) == 1 or size % len(devices):
+        return None
+    return NamedSharding(Mesh(np.array(devices), ("models",)), PartitionSpec("models"))
+
+
 def run_models(fn, weights: np.ndarray, keys: Array, size: int, progress) -> Any:
     """Applies a jitted chunk function to all models, ``size`` models per call.
 
     Every call sees the same shapes (the last chunk is padded), so it compiles once.
+    The models of a chunk are split over the local devices (see
+    :func:`model_sharding`).
     """
-    outs = []
+    outs, sharding = [], model_sharding(size)
+    place = (
+        (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
+    )
     for rows, real in progress(chunks(len(weights), size)):
-        out = fn(jnp.asarray(weights[rows]), keys[rows])
+        out = fn(place(jnp.asarray(weights[rows])), place(keys[rows]))
         outs.append(jax.tree.map(lambda a, r=real: np.asarray(a[:r]), out))
     return jax.tree.map(lambda *a: np.concatenate(a), *outs)
