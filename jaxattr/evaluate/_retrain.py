@@ -140,6 +140,7 @@ def train_models(
       weights: ``(num_models, num_train)`` per-example loss weights.
       keys: ``(num_models,)`` keys, one per model.
       models_per_chunk: models trained by one compiled call; bounds memory.
+        Split over the local devices as in :func:`retrain`.
       progress: draw a progress bar on stderr.
 
     Returns:
@@ -203,7 +204,11 @@ def retrain(
       weights: ``(num_subsets, num_train)`` loss weights, 0/1 for subsets.
       key: ``jax.random`` key of the seeds.
       num_seeds: models per subset.
-      models_per_chunk: models trained by one vmapped, compiled call.
+      models_per_chunk: models trained by one vmapped, compiled call. When it
+        is a multiple of the number of local devices, each chunk is split over
+        them; on a CPU, start jax with
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` to train
+        on every core (XLA's own threading gains little on these models).
       cache_dir: if given, results are stored in and loaded from this folder,
         keyed by a hash of the data, weights, key, seeds and a fingerprint of
         ``setup`` (its description, initial parameters, logits and optimizer
