@@ -5,12 +5,13 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 
 from jaxattr import _checks, _tree
+from jaxattr._task import Task
 from jaxattr._types import Batch, Params
 from jaxattr.baselines import _common
 
 
 def grad_dot(
-    task,
+    task: Task,
     params: Params,
     train_data: Batch,
     *,
@@ -18,7 +19,7 @@ def grad_dot(
     chunk_size: int = 256,
     query_chunk: int = 64,
     ids=None,
-):
+) -> _common.FeatureScorer:
     """Gradient dot product: ``tau(b, q) = -grad measure_q . grad loss_b``.
 
     The first-order change of the query's measurement after one gradient step of
@@ -54,7 +55,7 @@ def grad_dot(
 
 
 def tracin(
-    task,
+    task: Task,
     checkpoints: Sequence[Params],
     learning_rates: Sequence[float],
     train_data: Batch,
@@ -63,7 +64,7 @@ def tracin(
     chunk_size: int = 256,
     query_chunk: int = 64,
     ids=None,
-):
+) -> _common.FeatureScorer:
     """TracIn: learning-rate-weighted gradient dot products over checkpoints.
 
     ``tau(b, q) = -sum_c lr_c grad measure_q(theta_c) . grad loss_b(theta_c)``.

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxattr import _checks, _tree
+from jaxattr._task import Task
 from jaxattr._types import Array, Batch, Params
 from jaxattr.baselines import _common
 
@@ -102,7 +103,7 @@ def _damped_solve(matrix: Array, rhs: Array, damping: float) -> Array:
 
 
 def influence_explicit(
-    task,
+    task: Task,
     params: Params,
     train_data: Batch,
     *,
@@ -113,7 +114,7 @@ def influence_explicit(
     query_chunk: int = 64,
     ids=None,
     max_params: int = 20_000,
-):
+) -> _common.FeatureScorer:
     """Influence by an explicit, damped inverse of the full curvature matrix.
 
     ``tau(b, q) = -grad measure_q^T (C + damping I)^-1 grad loss_b``, with ``C``
@@ -218,7 +219,7 @@ def _cg_solve(task, params, data, rhs, damping, tol, *, max_iters):
 
 
 def influence_cg(
-    task,
+    task: Task,
     params: Params,
     train_data: Batch,
     *,
@@ -229,7 +230,7 @@ def influence_cg(
     chunk_size: int = 256,
     query_chunk: int = 64,
     ids=None,
-):
+) -> _common.FeatureScorer:
     """Influence by conjugate gradient on the damped Gauss-Newton matrix.
 
     For each query batch solves ``(G + damping I) x_q = grad measure_q`` with

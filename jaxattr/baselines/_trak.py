@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxattr import _checks, _tree
+from jaxattr._task import Task
 from jaxattr._types import Array, Batch, Params
 from jaxattr.baselines import _common
 
@@ -147,7 +148,7 @@ def _projections(key, models, num_params, dim, dtype, budget):
 
 
 def trak(
-    task,
+    task: Task,
     models: Sequence[Params],
     train_data: Batch,
     *,
@@ -159,7 +160,7 @@ def trak(
     query_chunk: int = 64,
     ids=None,
     projection_bytes: int = 2**30,
-):
+) -> _common.FeatureScorer:
     """TRAK over an ensemble of ``M`` models, optionally damped and unprojected.
 
     Training side, per model: the margin gradient of each example projected to
