@@ -1,25 +1,49 @@
 """jaxattr: training-data attribution with forward-only queries."""
 
+from jaxattr._builders import (
+    Adaptive,
+    Dense,
+    Grouped,
+    InBasis,
+    LayerLowRank,
+    Projected,
+    compress,
+)
 from jaxattr._curvature import GaussNewton
 from jaxattr._intraining import InTraining, InTrainingState, in_training
-from jaxattr._lowrank import Eigenbasis, LowRank
+from jaxattr._lowrank import Eigenbasis, LowRank, eigenbasis
 from jaxattr._posthoc import Relative, default_curvature, simulate
 from jaxattr._readout import JVP, CentralDifference, ForwardDifference
 from jaxattr._scoring import Scorer, TopK, scorer
-from jaxattr._sketch import DenseSketch, SketchInfo
+from jaxattr._sketch import (
+    DenseSketch,
+    FactoredSketch,
+    LayerLowRankSketch,
+    RandomBasis,
+    SketchInfo,
+)
 from jaxattr._task import Task, classification
 from jaxattr._version import __version__
 
 __all__ = [
+    "Adaptive",
     "CentralDifference",
+    "Dense",
     "DenseSketch",
     "Eigenbasis",
+    "FactoredSketch",
     "ForwardDifference",
     "GaussNewton",
+    "Grouped",
+    "InBasis",
     "InTraining",
     "InTrainingState",
     "JVP",
+    "LayerLowRank",
+    "LayerLowRankSketch",
     "LowRank",
+    "Projected",
+    "RandomBasis",
     "Relative",
     "Scorer",
     "SketchInfo",
@@ -27,7 +51,9 @@ __all__ = [
     "TopK",
     "__version__",
     "classification",
+    "compress",
     "default_curvature",
+    "eigenbasis",
     "in_training",
     "scorer",
     "simulate",

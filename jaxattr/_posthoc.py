@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr import _checks, _lowrank, _tree
+from jaxattr import _builders, _checks, _lowrank, _tree
 from jaxattr._curvature import GaussNewton, top_eigenvalue
 from jaxattr._lowrank import LowRank
 from jaxattr._progress import progress as _progress
-from jaxattr._sketch import DenseSketch, SketchInfo, check_ids
+from jaxattr._sketch import SketchInfo, check_ids
 from jaxattr._task import Task, measure_name
 from jaxattr._types import Array, Batch, Example, Params
 
@@ -130,8 +130,9 @@ def simulate(
     chunk_size: int = 128,
     ids: Any = None,
     measurement: Callable | None = None,
+    sketch: Any = None,
     progress: bool = False,
-) -> DenseSketch:
+) -> Any:
     """Per-example responses from a trained checkpoint, by short-horizon recursion.
 
     For each training example ``b`` runs ``horizon`` steps of
@@ -173,10 +174,16 @@ def simulate(
       ids: ``(num_train,)`` unique integer ids; defaults to ``0..num_train-1``.
       measurement: if given, the sketch records it (scorers then refuse other
         measurements); by default the sketch may be read with any measurement.
+      sketch: how responses are stored, a sketch builder:
+        ``Dense()`` (default), ``Grouped(groups)``, ``Projected(dim, key)``,
+        ``Adaptive(rank, key)``, ``InBasis(vectors)``, ``LayerLowRank(rank)``.
+        Responses stream into it chunk by chunk, so compact sketches never
+        hold all dense responses in memory.
       progress: draw a progress bar on stderr.
 
     Returns:
-      A :class:`DenseSketch` with one response per training example.
+      The sketch, by default a :class:`DenseSketch` with one response per
+      training example.
 
     Raises:
       ValueError: bad hyperparameters, duplicated ids, or a training example whose
@@ -236,8 +243,7 @@ def simulate(
             curvature=curvature,
             horizon=horizon,
         )
-    responses = _map_chunks(fn, train_data, n, chunk_size, progress, "simulate")
-    _check_finite_rows(responses, ids)
+    chunks = _chunks(fn, train_data, n, chunk_size, progress, ids)
     base = curvature.curvature if isinstance(curvature, LowRank) else curvature
     settings = dict(
         horizon=horizon,
@@ -253,7 +259,7 @@ def simulate(
         "posthoc",
         tuple(sorted(settings.items())),
     )
-    return DenseSketch(responses, jnp.asarray(ids), info)
+    return _builders.run(sketch or _builders.Dense(), chunks, params, n, ids, info)
 
 
 def default_curvature(task: Task, num_train: int) -> GaussNewton | LowRank:
@@ -316,22 +322,28 @@ def _resolve(damping, step_size, lam_max, horizon):
     return damping, _checks.positive_float("step_size", step_size)
 
 
-def _map_chunks(
-    fn: Callable, data: Batch, n: int, chunk: int, show: bool, desc: str
-) -> Any:
-    """Applies a vmapped ``fn`` to rows of ``data`` ``chunk`` at a time.
+def _chunks(
+    fn: Callable, data: Batch, n: int, chunk: int, show: bool, ids: np.ndarray
+) -> Callable:
+    """A generator factory of ``(start, responses)``, one pass over the examples.
 
-    The last chunk is padded to ``chunk`` rows so ``fn`` compiles once.
+    The last chunk is padded to ``chunk`` rows so ``fn`` compiles once; each
+    chunk's responses are checked for NaN/inf, naming the offending example.
     """
-    starts = range(0, n, chunk)
-    parts = []
-    for start in _progress(starts, len(starts), desc, show):
-        stop = min(start + chunk, n)
-        rows = _tree.pad_rows(_tree.slice_rows(data, start, stop), min(chunk, n))
-        out = fn(rows)
-        size = stop - start
-        parts.append(jax.tree.map(lambda a, size=size: a[:size], out))
-    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+    size = min(chunk, n)
+
+    def one_pass(pass_index):
+        starts = range(0, n, chunk)
+        desc = "simulate" if pass_index == 0 else f"simulate (pass {pass_index + 1})"
+        for start in _progress(starts, len(starts), desc, show):
+            stop = min(start + chunk, n)
+            out = fn(_tree.pad_rows(_tree.slice_rows(data, start, stop), size))
+            out = jax.tree.map(lambda a, k=stop - start: a[:k], out)
+            if pass_index == 0:
+                _check_finite_rows(out, ids[start:stop])
+            yield start, out
+
+    return one_pass
 
 
 def _check_finite_rows(responses: Params, ids: np.ndarray) -> None:

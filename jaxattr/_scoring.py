@@ -9,9 +9,11 @@ import jax.numpy as jnp
 
 from jaxattr import _checks, _tree
 from jaxattr._readout import JVP, CentralDifference, ForwardDifference
-from jaxattr._sketch import DenseSketch
+from jaxattr._sketch import DenseSketch, FactoredSketch, LayerLowRankSketch
 from jaxattr._task import measure_name
 from jaxattr._types import Array, Batch, Params
+
+SKETCHES = (DenseSketch, LayerLowRankSketch, FactoredSketch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +42,15 @@ class Scorer:
     d eps`` for upweighting training example ``ids[i]`` (see
     :class:`DenseSketch` for units): positive when the example pushes the
     query's measurement up. Removing the example changes the measurement by
-    about ``-score / num_train``.
+    about ``-score / num_train``. For a grouped sketch, row ``i`` is the sum
+    over the examples of source ``ids[i]``.
 
-    Built by :func:`scorer`; all methods are jitted and chunked.
+    Cost per query: one readout per sketch row for dense and per-layer
+    low-rank sketches; one readout per basis direction for factored sketches
+    (projected or adaptive), whatever the number of training examples.
+
+    Built by :func:`scorer`; all methods are jitted and chunked, so peak memory
+    is set by ``query_chunk`` and ``train_chunk``.
     """
 
     def __init__(self, measure, params, sketch, readout, query_chunk, train_chunk):
@@ -51,16 +59,14 @@ class Scorer:
         self.sketch = sketch
         self.readout = readout
         self.query_chunk = query_chunk
-        self._how = _How(measure, readout, min(train_chunk, sketch.num_train))
-
-    # Public ----------------------------------------------------------------
+        rows = sketch.dim if isinstance(sketch, FactoredSketch) else sketch.num_train
+        decode = None if isinstance(sketch, FactoredSketch) else type(sketch).decode_row
+        self._how = _How(measure, readout, min(train_chunk, rows), decode)
 
     def __call__(self, queries: Batch) -> Array:
         """Scores ``(num_queries, num_train)`` for a batch of query examples."""
-        out = [
-            self._run(_scores_block, chunk)[:m]
-            for chunk, m in self._query_chunks(queries)
-        ]
+        kernel = _factored_scores if self._factored else _scores_block
+        out = [self._run(kernel, chunk)[:m] for chunk, m in self._query_chunks(queries)]
         return jnp.concatenate(out, axis=0)
 
     def top_k(self, queries: Batch, k: int = 10) -> TopK:
@@ -71,16 +77,14 @@ class Scorer:
                 f"k={k} exceeds the {self.sketch.num_train} training examples "
                 "in the sketch; use k <= num_train."
             )
+        kernel = _factored_topk if self._factored else _topk_block
         parts = [
-            self._run(_topk_block, chunk, k=k)
-            for chunk, _ in self._query_chunks(queries)
+            jax.tree.map(lambda a, m=m: a[:m], self._run(kernel, chunk, k=k))
+            for chunk, m in self._query_chunks(queries)
         ]
-        sizes = [m for _, m in self._query_chunks(queries)]
-        cat = lambda j, h: jnp.concatenate(
-            [p[j][h][:m] for p, m in zip(parts, sizes, strict=False)]
-        )
+        (hi, hi_i), (lo, lo_i) = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
         ids = self.sketch.ids
-        return TopK(ids[cat(0, 1)], cat(0, 0), ids[cat(1, 1)], -cat(1, 0))
+        return TopK(ids[hi_i], hi, ids[lo_i], -lo)
 
     def self_influence(self, train_data: Batch) -> Array:
         """``(num_train,)`` score of each training example against itself.
@@ -92,19 +96,20 @@ class Scorer:
         if n != self.sketch.num_train:
             raise ValueError(
                 f"train_data has {n} examples but the sketch has "
-                f"{self.sketch.num_train}; "
-                "pass the training examples in the sketch's row order."
+                f"{self.sketch.num_train}; pass the training examples in the "
+                "sketch's row order."
             )
-        return _self_block(
-            self.params, self.sketch.responses, train_data, how=self._how
-        )
+        kernel = _factored_self if self._factored else _self_block
+        return self._run(kernel, train_data)
+
+    @property
+    def _factored(self) -> bool:
+        return isinstance(self.sketch, FactoredSketch)
 
     def _run(self, kernel, examples, **kwargs):
         """Calls a kernel, turning autodiff failures of the measure into advice."""
         try:
-            return kernel(
-                self.params, self.sketch.responses, examples, how=self._how, **kwargs
-            )
+            return kernel(self.params, self.sketch, examples, how=self._how, **kwargs)
         except (ValueError, TypeError, NotImplementedError) as err:
             text = str(err).lower()
             if isinstance(self.readout, JVP) and (
@@ -125,10 +130,8 @@ class Scorer:
         c = min(self.query_chunk, q)
         for start in range(0, q, c):
             stop = min(start + c, q)
-            yield (
-                _tree.pad_rows(_tree.slice_rows(queries, start, stop), c),
-                stop - start,
-            )
+            rows = _tree.pad_rows(_tree.slice_rows(queries, start, stop), c)
+            yield rows, stop - start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,58 +140,105 @@ class _How:
 
     measure: Callable
     readout: Any
-    train_chunk: int
+    chunk: int
+    decode: Callable | None
 
     def derivative(self, params, r, queries, base):
-        """Readout of the measurements of ``queries`` along response ``r``."""
+        """Readout of the measurements of ``queries`` along direction ``r``."""
         f = lambda p: jax.vmap(self.measure, (None, 0))(p, queries)
         r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
         return self.readout(f, params, r, base)
 
     def base(self, params, queries):
-        """Unshifted measurements, shared by every response (one-sided only)."""
+        """Unshifted measurements, shared by every direction (one-sided only)."""
         if isinstance(self.readout, ForwardDifference):
             return jax.vmap(self.measure, (None, 0))(params, queries)
         return None
 
+    def per_row(self, params, queries):
+        """``row -> (num_queries,)`` readouts along a stored sketch row."""
+        base = self.base(params, queries)
+        return lambda row: self.derivative(
+            params, self.decode(row, params), queries, base
+        )
+
+
+# Rows are parameter directions (dense, per-layer low rank, grouped) ----------
+
 
 @functools.partial(jax.jit, static_argnames="how")
-def _scores_block(params, responses, queries, *, how):
-    base = how.base(params, queries)
-    per = lambda r: how.derivative(params, r, queries, base)
-    return jax.lax.map(per, responses, batch_size=how.train_chunk).T
+def _scores_block(params, sketch, queries, *, how):
+    per = how.per_row(params, queries)
+    return jax.lax.map(per, sketch.rows, batch_size=how.chunk).T
 
 
 @functools.partial(jax.jit, static_argnames=("how", "k"))
-def _topk_block(params, responses, queries, *, how, k):
-    n = jax.tree.leaves(responses)[0].shape[0]
-    c, q = how.train_chunk, _tree.leading_size(queries)
-    base = how.base(params, queries)
-    per = lambda r: how.derivative(params, r, queries, base)
+def _topk_block(params, sketch, queries, *, how, k):
+    n, c = sketch.num_train, how.chunk
+    per = how.per_row(params, queries)
 
     def body(i, carry):
         start = jnp.minimum(i * c, n - c)
-        r = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), responses)
-        s = jax.vmap(per)(r).T  # (q, c)
+        rows = jax.tree.map(
+            lambda a: jax.lax.dynamic_slice_in_dim(a, start, c), sketch.rows
+        )
+        s = jax.vmap(per)(rows).T  # (queries, c)
         idx = (start + jnp.arange(c)).astype(jnp.int32)
         fresh = idx >= i * c  # the clamped last chunk repeats earlier rows
         hi = _merge(carry[0], jnp.where(fresh, s, -jnp.inf), idx, k)
         lo = _merge(carry[1], jnp.where(fresh, -s, -jnp.inf), idx, k)
         return hi, lo
 
+    q = _tree.leading_size(queries)
     empty = (jnp.full((q, k), -jnp.inf, _dtype(params)), jnp.zeros((q, k), jnp.int32))
     return jax.lax.fori_loop(0, -(-n // c), body, (empty, empty))
 
 
 @functools.partial(jax.jit, static_argnames="how")
-def _self_block(params, responses, examples, *, how):
+def _self_block(params, sketch, examples, *, how):
     def one(args):
-        r, example = args
+        row, example = args
         f = lambda p: how.measure(p, example)[None]
-        r = jax.tree.map(lambda a, p: a.astype(p.dtype), r, params)
+        r = jax.tree.map(
+            lambda a, p: a.astype(p.dtype), how.decode(row, params), params
+        )
         return how.readout(f, params, r)[0]
 
-    return jax.lax.map(one, (responses, examples), batch_size=how.train_chunk)
+    return jax.lax.map(one, (sketch.rows, examples), batch_size=how.chunk)
+
+
+# Rows are coefficients in a shared basis (projected, adaptive) ---------------
+
+
+def _query_coefficients(params, sketch, queries, how):
+    """``(num_queries, dim)`` readouts of the queries along each basis direction."""
+    base = how.base(params, queries)
+
+    def one(i):
+        d = jax.tree.map(lambda a: a[0], sketch.directions(params, i, 1))
+        return how.derivative(params, d, queries, base)
+
+    return jax.lax.map(one, jnp.arange(sketch.dim), batch_size=how.chunk).T
+
+
+@functools.partial(jax.jit, static_argnames="how")
+def _factored_scores(params, sketch, queries, *, how):
+    coef = _query_coefficients(params, sketch, queries, how)
+    return coef @ sketch.coefficients.T.astype(coef.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("how", "k"))
+def _factored_topk(params, sketch, queries, *, how, k):
+    scores = _factored_scores(params, sketch, queries, how=how)
+    hi, hi_i = jax.lax.top_k(scores, k)
+    lo, lo_i = jax.lax.top_k(-scores, k)
+    return (hi, hi_i), (lo, lo_i)
+
+
+@functools.partial(jax.jit, static_argnames="how")
+def _factored_self(params, sketch, examples, *, how):
+    coef = _query_coefficients(params, sketch, examples, how)
+    return jnp.sum(coef * sketch.coefficients.astype(coef.dtype), axis=1)
 
 
 def _dtype(params):
@@ -205,7 +255,7 @@ def _merge(carry, scores, idx, k):
 def scorer(
     measure: Callable,
     params: Params,
-    sketch: DenseSketch,
+    sketch: Any,
     *,
     readout=None,
     query_chunk: int = 64,
@@ -218,11 +268,13 @@ def scorer(
         ``task.margin``. With a difference readout it is only ever evaluated,
         never differentiated.
       params: the parameters the sketch was simulated at.
-      sketch: a :class:`DenseSketch`.
+      sketch: a :class:`DenseSketch` (also grouped), :class:`LayerLowRankSketch`
+        or :class:`FactoredSketch`.
       readout: :class:`JVP` (default), :class:`CentralDifference` or
         :class:`ForwardDifference`.
       query_chunk: queries per kernel call.
-      train_chunk: training responses per vectorised step; bounds memory.
+      train_chunk: sketch rows (or basis directions) per vectorised step;
+        bounds memory.
 
     Returns:
       A :class:`Scorer`; ``scorer(queries)`` gives ``(num_queries, num_train)``.
@@ -231,9 +283,10 @@ def scorer(
       ValueError: ``params`` do not match the sketch, or the sketch is tied to a
         different measurement.
     """
-    if not isinstance(sketch, DenseSketch):
+    if not isinstance(sketch, SKETCHES):
         raise TypeError(
-            f"sketch must be a jaxattr.DenseSketch, got {type(sketch).__name__}."
+            "sketch must be a jaxattr.DenseSketch, LayerLowRankSketch or "
+            f"FactoredSketch, got {type(sketch).__name__}."
         )
     readout = JVP() if readout is None else readout
     if not isinstance(readout, (JVP, CentralDifference, ForwardDifference)):
