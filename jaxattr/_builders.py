@@ -2,15 +2,25 @@
 
 A builder never needs all responses at once, so :func:`jaxattr.simulate` can
 produce a compact sketch for more examples than dense responses would fit in
-memory, and :func:`compress` turns a dense sketch into any other kind. Each
-builder is a small frozen value with four pure-ish steps: ``start``, ``add``
-(one chunk of responses), ``end_pass`` and ``finish``; builders that need
-several passes over the responses (the adaptive basis) say so in ``passes``.
+memory, and :func:`compress` turns a dense sketch into any other kind.
+
+Each builder is a small frozen value with five steps:
+
+* ``context(params, num_rows)``: what the builder derives from its inputs
+  (never saved: it is recomputed when a run resumes);
+* ``start(ctx) -> BuildState`` with ``acc`` (a dict of arrays, overwritten as
+  it changes) and ``parts`` (a list that only grows, one entry per chunk);
+* ``add(ctx, state, pass_index, responses, start)`` for one chunk;
+* ``end_pass(ctx, state, pass_index)`` and ``finish(ctx, state, ids, info)``.
+
+Builders that need several passes over the responses (the adaptive basis)
+say so in ``passes``. The split into ``acc`` and ``parts`` lets a checkpoint
+store each chunk's part once and rewrite only the accumulators.
 """
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +38,13 @@ from jaxattr._sketch import (
 from jaxattr._types import Array, Params
 
 
+class BuildState(NamedTuple):
+    """A builder's progress: accumulators (rewritten) and parts (appended)."""
+
+    acc: dict
+    parts: list
+
+
 def _with(info: SketchInfo, **settings) -> SketchInfo:
     merged = dict(info.settings)
     merged.update(settings)
@@ -41,18 +58,21 @@ class Dense:
     dtype: Any = None
     passes = 1
 
-    def start(self, params, num_rows):
-        return []
+    def context(self, params, num_rows):
+        return None
 
-    def add(self, state, pass_index, responses, start):
+    def start(self, ctx):
+        return BuildState({}, [])
+
+    def add(self, ctx, state, pass_index, responses, start):
         cast = (lambda a: a) if self.dtype is None else (lambda a: a.astype(self.dtype))
-        return state + [jax.tree.map(cast, responses)]
+        return BuildState(state.acc, state.parts + [jax.tree.map(cast, responses)])
 
-    def end_pass(self, state, pass_index):
+    def end_pass(self, ctx, state, pass_index):
         return state
 
-    def finish(self, state, ids, info):
-        rows = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *state)
+    def finish(self, ctx, state, ids, info):
+        rows = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *state.parts)
         return DenseSketch(rows, jnp.asarray(ids), info)
 
 
@@ -81,7 +101,7 @@ class Grouped:
                 f"example; got dtype {arr.dtype} and shape {arr.shape}."
             )
 
-    def start(self, params, num_rows):
+    def context(self, params, num_rows):
         arr = np.asarray(self.groups)
         if arr.shape[0] != num_rows:
             raise ValueError(
@@ -89,19 +109,24 @@ class Grouped:
                 "examples; give one label per example."
             )
         labels, index = np.unique(arr, return_inverse=True)
-        return labels, jnp.asarray(index), _tree.zeros_stacked(params, len(labels))
+        return dict(params=params, labels=labels, index=jnp.asarray(index))
 
-    def add(self, state, pass_index, responses, start):
-        labels, index, acc = state
-        rows = index[start : start + _rows(responses)]
-        return labels, index, _segment_add(acc, rows, responses)
+    def start(self, ctx):
+        sums = _tree.zeros_stacked(ctx["params"], len(ctx["labels"]))
+        return BuildState(dict(sums=sums), [])
 
-    def end_pass(self, state, pass_index):
+    def add(self, ctx, state, pass_index, responses, start):
+        rows = ctx["index"][start : start + _rows(responses)]
+        return BuildState(
+            dict(sums=_segment_add(state.acc["sums"], rows, responses)), []
+        )
+
+    def end_pass(self, ctx, state, pass_index):
         return state
 
-    def finish(self, state, ids, info):
-        labels, _, acc = state
-        return DenseSketch(acc, jnp.asarray(labels), _with(info, grouped=True))
+    def finish(self, ctx, state, ids, info):
+        labels = jnp.asarray(ctx["labels"])
+        return DenseSketch(state.acc["sums"], labels, _with(info, grouped=True))
 
 
 @jax.jit
@@ -142,20 +167,22 @@ class Projected:
         data = np.asarray(jax.random.key_data(self.key)).ravel()
         return RandomBasis(tuple(int(v) for v in data), self.dim)
 
-    def start(self, params, num_rows):
-        return params, []
+    def context(self, params, num_rows):
+        return params
 
-    def add(self, state, pass_index, responses, start):
-        params, parts = state
-        coef = _project_random(params, responses, basis=self.basis, block=self.block)
-        return params, parts + [coef]
+    def start(self, ctx):
+        return BuildState({}, [])
 
-    def end_pass(self, state, pass_index):
+    def add(self, ctx, state, pass_index, responses, start):
+        coef = _project_random(ctx, responses, basis=self.basis, block=self.block)
+        return BuildState(state.acc, state.parts + [coef])
+
+    def end_pass(self, ctx, state, pass_index):
         return state
 
-    def finish(self, state, ids, info):
+    def finish(self, ctx, state, ids, info):
         info = _with(info, sketch="projected", dim=self.dim)
-        coef = jnp.concatenate(state[1], axis=0)
+        coef = jnp.concatenate(state.parts, axis=0)
         return FactoredSketch(coef, None, jnp.asarray(ids), info, self.basis)
 
 
@@ -184,27 +211,30 @@ class InBasis:
     vectors: Any
     passes = 1
 
-    def start(self, params, num_rows):
+    def context(self, params, num_rows):
         flat, unravel = ravel_pytree(params)
         if self.vectors.shape[-1] != flat.size:
             raise ValueError(
                 f"InBasis vectors have {self.vectors.shape[-1]} columns but the "
                 f"model has {flat.size} parameters; give (dim, num_params) rows."
             )
-        return unravel, []
+        return unravel
 
-    def add(self, state, pass_index, responses, start):
-        unravel, parts = state
-        return unravel, parts + [_project_stored(responses, self.vectors)]
+    def start(self, ctx):
+        return BuildState({}, [])
 
-    def end_pass(self, state, pass_index):
+    def add(self, ctx, state, pass_index, responses, start):
+        coef = _project_stored(responses, self.vectors)
+        return BuildState(state.acc, state.parts + [coef])
+
+    def end_pass(self, ctx, state, pass_index):
         return state
 
-    def finish(self, state, ids, info):
-        unravel, parts = state
-        stored = jax.vmap(unravel)(self.vectors)
+    def finish(self, ctx, state, ids, info):
+        stored = jax.vmap(ctx)(self.vectors)
         info = _with(info, sketch="in_basis", dim=int(self.vectors.shape[0]))
-        return FactoredSketch(jnp.concatenate(parts), stored, jnp.asarray(ids), info)
+        coef = jnp.concatenate(state.parts)
+        return FactoredSketch(coef, stored, jnp.asarray(ids), info)
 
 
 @jax.jit
@@ -244,35 +274,36 @@ class Adaptive:
     def passes(self) -> int:
         return self.power_iters + 2
 
-    def start(self, params, num_rows):
+    def context(self, params, num_rows):
         flat, unravel = ravel_pytree(params)
-        width = self.rank + self.oversample
-        return dict(
-            unravel=unravel, y=jnp.zeros((width, flat.size), flat.dtype), q=None, b=[]
-        )
+        return dict(unravel=unravel, size=flat.size, dtype=flat.dtype)
 
-    def add(self, state, pass_index, responses, start):
+    def start(self, ctx):
+        y = jnp.zeros((self.rank + self.oversample, ctx["size"]), ctx["dtype"])
+        return BuildState(dict(y=y), [])
+
+    def add(self, ctx, state, pass_index, responses, start):
         flat = jax.vmap(lambda r: ravel_pytree(r)[0])(responses)
+        y = state.acc["y"]
         if pass_index == 0:
-            omega = _gaussian_rows(self.key, start, flat.shape[0], state["y"].shape[0])
-            return dict(state, y=state["y"] + omega.T.astype(flat.dtype) @ flat)
-        z = flat @ state["q"].T
+            omega = _gaussian_rows(self.key, start, flat.shape[0], y.shape[0])
+            return BuildState(dict(y=y + omega.T.astype(flat.dtype) @ flat), [])
+        z = flat @ state.acc["q"].T
         if pass_index < self.passes - 1:
-            return dict(state, y=state["y"] + z.T @ flat)
-        return dict(state, b=state["b"] + [z])
+            return BuildState(dict(state.acc, y=y + z.T @ flat), [])
+        return BuildState(state.acc, state.parts + [z])
 
-    def end_pass(self, state, pass_index):
+    def end_pass(self, ctx, state, pass_index):
         if pass_index == self.passes - 1:
             return state
-        q, _ = jnp.linalg.qr(state["y"].T)
-        return dict(state, q=q.T, y=jnp.zeros_like(state["y"]))
+        q, _ = jnp.linalg.qr(state.acc["y"].T)
+        return BuildState(dict(y=jnp.zeros_like(state.acc["y"]), q=q.T), [])
 
-    def finish(self, state, ids, info):
-        b = jnp.concatenate(state["b"], axis=0)
+    def finish(self, ctx, state, ids, info):
+        b = jnp.concatenate(state.parts, axis=0)
         _, _, wt = jnp.linalg.svd(b, full_matrices=False)
         w = wt[: self.rank].T
-        vectors = w.T @ state["q"]
-        stored = jax.vmap(state["unravel"])(vectors)
+        stored = jax.vmap(ctx["unravel"])(w.T @ state.acc["q"])
         info = _with(info, sketch="adaptive", dim=self.rank)
         return FactoredSketch(b @ w, stored, jnp.asarray(ids), info)
 
@@ -298,25 +329,27 @@ class LayerLowRank:
     def __post_init__(self):
         _checks.positive_int("rank", self.rank)
 
-    def start(self, params, num_rows):
-        return []
+    def context(self, params, num_rows):
+        return None
 
-    def add(self, state, pass_index, responses, start):
+    def start(self, ctx):
+        return BuildState({}, [])
+
+    def add(self, ctx, state, pass_index, responses, start):
         leaves = jax.tree.leaves(responses)
-        return state + [
-            [_factorise(a, self.rank) if a.ndim == 3 else a for a in leaves]
-        ]
+        part = [_factorise(a, self.rank) if a.ndim == 3 else a for a in leaves]
+        return BuildState(state.acc, state.parts + [part])
 
-    def end_pass(self, state, pass_index):
+    def end_pass(self, ctx, state, pass_index):
         return state
 
-    def finish(self, state, ids, info):
+    def finish(self, ctx, state, ids, info):
         cat = lambda *parts: jnp.concatenate(parts, axis=0)
         factors = [
             tuple(cat(*f) for f in zip(*col, strict=True))
             if isinstance(col[0], tuple)
             else cat(*col)
-            for col in zip(*state, strict=True)
+            for col in zip(*state.parts, strict=True)
         ]
         info = _with(info, sketch="layer_lowrank", rank=self.rank)
         return LayerLowRankSketch(factors, jnp.asarray(ids), info)
@@ -331,12 +364,13 @@ def _factorise(rows: Array, rank: int) -> tuple:
 
 def run(builder, chunks_fn, params: Params, num_rows: int, ids, info):
     """Streams the chunks that ``chunks_fn(pass_index)`` yields into a sketch."""
-    state = builder.start(params, num_rows)
+    ctx = builder.context(params, num_rows)
+    state = builder.start(ctx)
     for p in range(builder.passes):
         for start, responses in chunks_fn(p):
-            state = builder.add(state, p, responses, start)
-        state = builder.end_pass(state, p)
-    return builder.finish(state, ids, info)
+            state = builder.add(ctx, state, p, responses, start)
+        state = builder.end_pass(ctx, state, p)
+    return builder.finish(ctx, state, ids, info)
 
 
 def compress(sketch: DenseSketch, builder, params: Params, chunk_size: int = 256):

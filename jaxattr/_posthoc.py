@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxattr import _builders, _checks, _lowrank, _tree
 from jaxattr._curvature import GaussNewton, top_eigenvalue
-from jaxattr._lowrank import LowRank
+from jaxattr._lowrank import Eigenbasis, LowRank
 from jaxattr._progress import progress as _progress
 from jaxattr._sketch import SketchInfo, check_ids
 from jaxattr._task import Task, measure_name
@@ -169,7 +169,9 @@ def simulate(
       step_size: ``eta``, or ``"auto"`` for ``1 / (lambda_max + lam)`` with
         ``lambda_max`` from power iteration or the eigenbasis.
       curvature: a :class:`GaussNewton` or :class:`LowRank`; ``None`` picks
-        :func:`default_curvature`.
+        :func:`default_curvature`. An :class:`Eigenbasis` from
+        :func:`eigenbasis` is reused as is, so several horizons and dampings
+        can be simulated from one decomposition.
       chunk_size: examples simulated at once; bounds memory.
       ids: ``(num_train,)`` unique integer ids; defaults to ``0..num_train-1``.
       measurement: if given, the sketch records it (scorers then refuse other
@@ -211,8 +213,10 @@ def simulate(
     losses = _checks.losses_in_chunks(task.loss, params, train_data, chunk_size)
     _checks.finite_per_example(losses, ids, "The training loss")
 
-    if isinstance(curvature, LowRank):
-        basis = _lowrank.eigenbasis(curvature, params, train_data, key)
+    if isinstance(curvature, (LowRank, Eigenbasis)):
+        basis = curvature
+        if isinstance(curvature, LowRank):
+            basis = _lowrank.eigenbasis(curvature, params, train_data, key)
         lam_max = float(basis.values[0]) if basis.values.size else 0.0
         damping, step_size = _resolve(damping, step_size, lam_max, horizon)
         fn = functools.partial(
@@ -245,12 +249,13 @@ def simulate(
         )
     chunks = _chunks(fn, train_data, n, chunk_size, progress, ids)
     base = curvature.curvature if isinstance(curvature, LowRank) else curvature
+    batch_size = getattr(base, "batch_size", None)
     settings = dict(
         horizon=horizon,
         damping=damping,
         step_size=step_size,
-        curvature=curvature.name,
-        curvature_batch_size=base.batch_size,
+        curvature=getattr(curvature, "name", "eigenbasis"),
+        curvature_batch_size=batch_size,
         lambda_max=lam_max,
     )
     info = SketchInfo(
@@ -280,12 +285,12 @@ MAX_DEFAULT_CURVATURE_BATCH = 8192
 
 
 def _check_settings(curvature, horizon, damping, chunk_size):
-    if not isinstance(curvature, (GaussNewton, LowRank)):
+    if not isinstance(curvature, (GaussNewton, LowRank, Eigenbasis)):
         raise TypeError(
-            "curvature must be a jaxattr.GaussNewton or jaxattr.LowRank, got "
+            "curvature must be a jaxattr.GaussNewton, LowRank or Eigenbasis, got "
             f"{type(curvature).__name__}."
         )
-    if horizon is None and not isinstance(curvature, LowRank):
+    if horizon is None and isinstance(curvature, GaussNewton):
         raise ValueError(
             "horizon=None (the infinite-horizon limit) needs curvature=jaxattr.LowRank"
             "(...); with a GaussNewton curvature give a positive integer horizon."

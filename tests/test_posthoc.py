@@ -301,3 +301,13 @@ def test_default_curvature_is_the_fixed_low_rank_margin_curvature(tiny):
     assert chosen.curvature.name == "margin_ggn" and not chosen.curvature.resample
     plain = jaxattr.Task(task.outputs, task.output_loss)
     assert isinstance(jaxattr.default_curvature(plain, 20), jaxattr.GaussNewton)
+
+
+def test_a_precomputed_eigenbasis_is_reused(tiny):
+    task, params, data = tiny
+    lowrank = jaxattr.LowRank(task.margin_ggn(batch_size=None))
+    basis = jaxattr.eigenbasis(lowrank, params, data, jax.random.key(0))
+    kwargs = dict(key=jax.random.key(0), horizon=30, damping=jaxattr.Relative(0.01))
+    again = jaxattr.simulate(task, params, data, curvature=basis, **kwargs)
+    fresh = jaxattr.simulate(task, params, data, curvature=lowrank, **kwargs)
+    assert_close(again.responses, fresh.responses, rtol=1e-12)

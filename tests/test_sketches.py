@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
 from jax.flatten_util import ravel_pytree
 
 import jaxattr
+from conftest import assert_close
 
 
 @pytest.fixture(scope="module")
