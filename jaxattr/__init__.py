@@ -14,6 +14,7 @@ from jaxattr._intraining import InTraining, InTrainingState, in_training
 from jaxattr._lowrank import Eigenbasis, LowRank, eigenbasis
 from jaxattr._posthoc import Relative, default_curvature, simulate
 from jaxattr._readout import JVP, CentralDifference, ForwardDifference
+from jaxattr._rerank import rerank
 from jaxattr._scoring import Scorer, TopK, scorer
 from jaxattr._sketch import (
     DenseSketch,
@@ -55,6 +56,7 @@ __all__ = [
     "default_curvature",
     "eigenbasis",
     "in_training",
+    "rerank",
     "scorer",
     "simulate",
 ]

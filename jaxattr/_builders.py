@@ -150,12 +150,16 @@ class Projected:
     Attributes:
       dim: number of random directions ``k``.
       key: ``jax.random`` key of the directions.
-      block: directions generated at once (bounds memory).
+      block: directions generated at once when they are not cached.
+      cache_bytes: keep all directions in memory during the run when they
+        take at most this many bytes (they are still never stored in the
+        sketch); otherwise regenerate them block by block for every chunk.
     """
 
     dim: int
     key: Any
     block: int = 256
+    cache_bytes: int = 1 << 30
     passes = 1
 
     def __post_init__(self):
@@ -168,13 +172,22 @@ class Projected:
         return RandomBasis(tuple(int(v) for v in data), self.dim)
 
     def context(self, params, num_rows):
-        return params
+        flat = ravel_pytree(params)[0]
+        if self.dim * flat.size * flat.dtype.itemsize > self.cache_bytes:
+            return dict(params=params, matrix=None)
+        matrix = _random_matrix(params, basis=self.basis, block=self.block)
+        return dict(params=params, matrix=matrix)
 
     def start(self, ctx):
         return BuildState({}, [])
 
     def add(self, ctx, state, pass_index, responses, start):
-        coef = _project_random(ctx, responses, basis=self.basis, block=self.block)
+        if ctx["matrix"] is not None:
+            coef = _project_stored(responses, ctx["matrix"])
+        else:
+            coef = _project_random(
+                ctx["params"], responses, basis=self.basis, block=self.block
+            )
         return BuildState(state.acc, state.parts + [coef])
 
     def end_pass(self, ctx, state, pass_index):
@@ -184,6 +197,17 @@ class Projected:
         info = _with(info, sketch="projected", dim=self.dim)
         coef = jnp.concatenate(state.parts, axis=0)
         return FactoredSketch(coef, None, jnp.asarray(ids), info, self.basis)
+
+
+@functools.partial(jax.jit, static_argnames=("basis", "block"))
+def _random_matrix(params, *, basis, block):
+    """All directions of ``basis`` as a ``(dim, num_params)`` matrix."""
+    rows = []
+    for start in range(0, basis.dim, block):
+        size = min(block, basis.dim - start)
+        dirs = basis.directions(params, jnp.asarray(start), size)
+        rows.append(jax.vmap(lambda x: ravel_pytree(x)[0])(dirs))
+    return jnp.concatenate(rows, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("basis", "block"))

@@ -181,3 +181,33 @@ def test_bad_builder_arguments(dense):
         jaxattr.Projected(0, jax.random.key(0))
     with pytest.raises(ValueError, match="InBasis vectors have 3 columns"):
         jaxattr.compress(sketch, jaxattr.InBasis(jnp.ones((2, 3))), params)
+
+
+def test_projected_cached_and_regenerated_directions_agree(dense):
+    task, params, data, sketch, kwargs = dense
+    key = jax.random.key(9)
+    cached = jaxattr.compress(sketch, jaxattr.Projected(40, key, block=16), params)
+    regen = jaxattr.compress(
+        sketch, jaxattr.Projected(40, key, block=16, cache_bytes=0), params
+    )
+    assert_close(regen.coefficients, cached.coefficients, rtol=1e-12)
+
+
+def test_rerank_recovers_the_exact_top_k_from_a_coarse_shortlist(dense):
+    task, params, data, sketch, kwargs = dense
+    exact = jaxattr.scorer(task.margin, params, sketch).top_k(data, 3)
+    coarse_sketch = jaxattr.compress(
+        sketch, jaxattr.Projected(6, jax.random.key(0)), params
+    )
+    coarse = jaxattr.scorer(task.margin, params, coarse_sketch)
+    # A shortlist of every example must give the exact answer.
+    full = jaxattr.rerank(coarse, sketch, data, k=3, shortlist=20)
+    np.testing.assert_array_equal(full.proponents, exact.proponents)
+    np.testing.assert_array_equal(full.opponents, exact.opponents)
+    assert_close(full.proponent_scores, exact.proponent_scores, rtol=1e-8)
+    # A short list is exact where the coarse sketch found the true top-k.
+    short = jaxattr.rerank(coarse, sketch, data, k=3, shortlist=8, query_chunk=3)
+    for got, want in zip(short.proponents, exact.proponents, strict=True):
+        assert len(set(np.asarray(got)) & set(np.asarray(want))) >= 1
+    with pytest.raises(ValueError, match="shortlist=2 must be >= k=3"):
+        jaxattr.rerank(coarse, sketch, data, k=3, shortlist=2)
