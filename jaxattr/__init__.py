@@ -11,6 +11,7 @@ from jaxattr._builders import (
 )
 from jaxattr._curvature import GaussNewton
 from jaxattr._intraining import InTraining, InTrainingState, in_training
+from jaxattr._io import load_sketch, load_state, save_sketch, save_state
 from jaxattr._lowrank import Eigenbasis, LowRank, eigenbasis
 from jaxattr._posthoc import Relative, default_curvature, simulate
 from jaxattr._readout import JVP, CentralDifference, ForwardDifference
@@ -56,7 +57,11 @@ __all__ = [
     "default_curvature",
     "eigenbasis",
     "in_training",
+    "load_sketch",
+    "load_state",
     "rerank",
+    "save_sketch",
+    "save_state",
     "scorer",
     "simulate",
 ]

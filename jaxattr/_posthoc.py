@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr import _builders, _checks, _lowrank, _tree
+from jaxattr import _builders, _checks, _io, _lowrank, _tree
 from jaxattr._curvature import GaussNewton, top_eigenvalue
 from jaxattr._lowrank import Eigenbasis, LowRank
 from jaxattr._progress import progress as _progress
@@ -132,6 +132,8 @@ def simulate(
     measurement: Callable | None = None,
     sketch: Any = None,
     progress: bool = False,
+    checkpoint_dir: _io.PathLike | None = None,
+    checkpoint_every: int = 1,
 ) -> Any:
     """Per-example responses from a trained checkpoint, by short-horizon recursion.
 
@@ -182,6 +184,13 @@ def simulate(
         Responses stream into it chunk by chunk, so compact sketches never
         hold all dense responses in memory.
       progress: draw a progress bar on stderr.
+      checkpoint_dir: a directory in which to save progress after every
+        ``checkpoint_every`` chunks (see ``jaxattr._io`` for the format). A
+        later call with the same arguments and directory resumes after the
+        last saved chunk, and returns a sketch bitwise equal to an
+        uninterrupted run; the directory is kept, so calling again returns
+        the finished sketch. ``None`` (default) saves nothing.
+      checkpoint_every: chunks simulated between saves.
 
     Returns:
       The sketch, by default a :class:`DenseSketch` with one response per
@@ -204,6 +213,7 @@ def simulate(
     n = _tree.leading_size(train_data)
     curvature = default_curvature(task, n) if curvature is None else curvature
     horizon, chunk_size = _check_settings(curvature, horizon, damping, chunk_size)
+    every = _checks.positive_int("checkpoint_every", checkpoint_every)
     ids = check_ids(np.arange(n) if ids is None else ids, what="ids")
     if ids.shape[0] != n:
         raise ValueError(
@@ -258,13 +268,22 @@ def simulate(
         curvature_batch_size=batch_size,
         lambda_max=lam_max,
     )
+    builder = sketch or _builders.Dense()
+    # What a checkpoint must match, besides the builder, params, ids and info.
+    run = dict(
+        task=task,
+        key=key,
+        train_data=train_data,
+        curvature=curvature,
+        chunk_size=chunk_size,
+    )
     info = SketchInfo(
         _tree.param_spec(params),
         None if measurement is None else measure_name(measurement),
         "posthoc",
         tuple(sorted(settings.items())),
     )
-    return _builders.run(sketch or _builders.Dense(), chunks, params, n, ids, info)
+    return _io.run(builder, chunks, params, n, ids, info, checkpoint_dir, run, every)
 
 
 def default_curvature(task: Task, num_train: int) -> GaussNewton | LowRank:
@@ -337,8 +356,8 @@ def _chunks(
     """
     size = min(chunk, n)
 
-    def one_pass(pass_index):
-        starts = range(0, n, chunk)
+    def one_pass(pass_index, first=0):
+        starts = range(first, n, chunk)
         desc = "simulate" if pass_index == 0 else f"simulate (pass {pass_index + 1})"
         for start in _progress(starts, len(starts), desc, show):
             stop = min(start + chunk, n)
