@@ -17,6 +17,7 @@ from jaxattr._posthoc import Relative, default_curvature, simulate
 from jaxattr._readout import JVP, CentralDifference, ForwardDifference
 from jaxattr._rerank import rerank
 from jaxattr._scoring import Scorer, TopK, scorer
+from jaxattr._sharding import shard_sketch
 from jaxattr._sketch import (
     DenseSketch,
     FactoredSketch,
@@ -63,5 +64,6 @@ __all__ = [
     "save_sketch",
     "save_state",
     "scorer",
+    "shard_sketch",
     "simulate",
 ]

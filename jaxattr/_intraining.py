@@ -176,6 +176,12 @@ def in_training(
         seed = jnp.where(valid, jnp.asarray(num_train, mask.dtype), 0.0)
         dw = jnp.zeros((slots, batch_size), mask.dtype)
         dw = jax.lax.dynamic_update_slice_in_dim(dw, jnp.diag(seed), start, axis=0)
+        # TODO: split the live slots over a jax.sharding mesh, as simulate(mesh=)
+        # splits examples. Each slot propagates on its own (this map), but the
+        # slots form a ring written at a step-dependent offset and retired by
+        # a scatter into the responses; splitting only this map would gather
+        # the whole slot state every step, so the ring needs a per-device
+        # layout first.
         prop = lambda x: jax.jvp(tangent, (params, floats, mask), x)[1]
         tp, to = jax.lax.map(prop, (tp, to, dw), batch_size=chunk)
         slot_ids = jax.lax.dynamic_update_slice_in_dim(

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxattr import _checks, _tree
+from jaxattr import _checks, _sharding, _tree
 from jaxattr._curvature import GaussNewton
 from jaxattr._types import Array, Batch, Params
 
@@ -179,7 +179,13 @@ def closed_form_fn(
     return respond
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "horizon"))
-def respond_rows(rows, params, basis, damping, step_size, *, loss, horizon):
-    fn = closed_form_fn(loss, params, basis, horizon, damping, step_size)
-    return jax.vmap(fn)(rows)
+@functools.partial(jax.jit, static_argnames=("loss", "horizon", "split"))
+def respond_rows(rows, params, basis, damping, step_size, *, loss, horizon, split):
+    """Closed-form responses of a chunk, split over devices by ``split``."""
+
+    def local(rows, params, basis, damping, step_size):
+        fn = closed_form_fn(loss, params, basis, horizon, damping, step_size)
+        return jax.vmap(fn)(rows)
+
+    run = _sharding.rows_map(local, split)
+    return run(rows, params, basis, damping, step_size)

@@ -7,8 +7,9 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jaxattr import _builders, _checks, _io, _lowrank, _tree
+from jaxattr import _builders, _checks, _io, _lowrank, _sharding, _tree
 from jaxattr._curvature import GaussNewton, top_eigenvalue
 from jaxattr._lowrank import Eigenbasis, LowRank
 from jaxattr._progress import progress as _progress
@@ -69,14 +70,18 @@ def _probe(params, data, key, i, *, curvature):
     return top_eigenvalue(op, params, jax.random.fold_in(key, 10_000 + i))
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "curvature", "horizon"))
+@functools.partial(jax.jit, static_argnames=("loss", "curvature", "horizon", "split"))
 def _respond_rows(
-    rows, params, data, key, damping, step_size, *, loss, curvature, horizon
+    rows, params, data, key, damping, step_size, *, loss, curvature, horizon, split
 ):
-    respond = response_fn(
-        loss, curvature, params, data, key, horizon, damping, step_size
-    )
-    return jax.vmap(respond)(rows)
+    def local(rows, params, data, key, damping, step_size):
+        respond = response_fn(
+            loss, curvature, params, data, key, horizon, damping, step_size
+        )
+        return jax.vmap(respond)(rows)
+
+    run = _sharding.rows_map(local, split)
+    return run(rows, params, data, key, damping, step_size)
 
 
 def response_fn(
@@ -134,6 +139,8 @@ def simulate(
     progress: bool = False,
     checkpoint_dir: _io.PathLike | None = None,
     checkpoint_every: int = 1,
+    mesh: Mesh | None = None,
+    mesh_axis: str | None = None,
 ) -> Any:
     """Per-example responses from a trained checkpoint, by short-horizon recursion.
 
@@ -191,14 +198,23 @@ def simulate(
         uninterrupted run; the directory is kept, so calling again returns
         the finished sketch. ``None`` (default) saves nothing.
       checkpoint_every: chunks simulated between saves.
+      mesh: a ``jax.sharding.Mesh``: each chunk's examples are split over its
+        devices along ``mesh_axis`` (``jax.shard_map``; the chunk is padded to
+        a multiple of them), parameters and curvature data are copied to every
+        device. ``None`` (default) simulates on the default device. The
+        sketch comes back with its rows split over the mesh when their number
+        is a multiple of the devices (see :func:`jaxattr.shard_sketch`).
+      mesh_axis: the mesh axis that splits examples; may be omitted when the
+        mesh has one axis.
 
     Returns:
       The sketch, by default a :class:`DenseSketch` with one response per
       training example.
 
     Raises:
-      ValueError: bad hyperparameters, duplicated ids, or a training example whose
-        loss or response is NaN/inf (the message names its id).
+      ValueError: bad hyperparameters, duplicated ids, a training example whose
+        loss or response is NaN/inf (the message names its id), or a
+        ``mesh_axis`` that is not an axis of ``mesh``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -214,6 +230,7 @@ def simulate(
     curvature = default_curvature(task, n) if curvature is None else curvature
     horizon, chunk_size = _check_settings(curvature, horizon, damping, chunk_size)
     every = _checks.positive_int("checkpoint_every", checkpoint_every)
+    split = _sharding.layout(mesh, mesh_axis)
     ids = check_ids(np.arange(n) if ids is None else ids, what="ids")
     if ids.shape[0] != n:
         raise ValueError(
@@ -237,6 +254,7 @@ def simulate(
             step_size=step_size,
             loss=task.loss,
             horizon=horizon,
+            split=split,
         )
     else:
         needs_top = isinstance(damping, Relative) or step_size == "auto"
@@ -256,8 +274,10 @@ def simulate(
             loss=task.loss,
             curvature=curvature,
             horizon=horizon,
+            split=split,
         )
-    chunks = _chunks(fn, train_data, n, chunk_size, progress, ids)
+    devices = 1 if split is None else split.size
+    chunks = _chunks(fn, train_data, n, chunk_size, progress, ids, devices)
     base = curvature.curvature if isinstance(curvature, LowRank) else curvature
     batch_size = getattr(base, "batch_size", None)
     settings = dict(
@@ -283,7 +303,8 @@ def simulate(
         "posthoc",
         tuple(sorted(settings.items())),
     )
-    return _io.run(builder, chunks, params, n, ids, info, checkpoint_dir, run, every)
+    out = _io.run(builder, chunks, params, n, ids, info, checkpoint_dir, run, every)
+    return _sharding.place_if_even(out, split)
 
 
 def default_curvature(task: Task, num_train: int) -> GaussNewton | LowRank:
@@ -347,14 +368,22 @@ def _resolve(damping, step_size, lam_max, horizon):
 
 
 def _chunks(
-    fn: Callable, data: Batch, n: int, chunk: int, show: bool, ids: np.ndarray
+    fn: Callable,
+    data: Batch,
+    n: int,
+    chunk: int,
+    show: bool,
+    ids: np.ndarray,
+    devices: int = 1,
 ) -> Callable:
     """A generator factory of ``(start, responses)``, one pass over the examples.
 
-    The last chunk is padded to ``chunk`` rows so ``fn`` compiles once; each
-    chunk's responses are checked for NaN/inf, naming the offending example.
+    Every chunk is padded to the same size, ``chunk`` rows rounded up to a
+    multiple of ``devices``, so ``fn`` compiles once and can split it evenly;
+    each chunk's responses are checked for NaN/inf, naming the offending
+    example.
     """
-    size = min(chunk, n)
+    size = -(-min(chunk, n) // devices) * devices
 
     def one_pass(pass_index, first=0):
         starts = range(first, n, chunk)

@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from jaxattr import _checks, _tree
+from jaxattr import _checks, _sharding, _tree
 from jaxattr._readout import JVP, CentralDifference, ForwardDifference
 from jaxattr._sketch import DenseSketch, FactoredSketch, LayerLowRankSketch
 from jaxattr._task import measure_name
@@ -50,24 +52,32 @@ class Scorer:
     (projected or adaptive), whatever the number of training examples.
 
     Built by :func:`scorer`; all methods are jitted and chunked, so peak memory
-    is set by ``query_chunk`` and ``train_chunk``.
+    is set by ``query_chunk`` and ``train_chunk``. With a mesh, each device
+    scores its share of the sketch's rows (see :func:`scorer`).
     """
 
-    def __init__(self, measure, params, sketch, readout, query_chunk, train_chunk):
+    def __init__(
+        self, measure, params, sketch, readout, query_chunk, train_chunk, rows=None
+    ):
         self.measure = measure
         self.params = params
         self.sketch = sketch
         self.readout = readout
         self.query_chunk = query_chunk
-        rows = sketch.dim if isinstance(sketch, FactoredSketch) else sketch.num_train
+        n = sketch.num_train
+        self._stored = sketch if rows is None else _pad_and_place(sketch, rows)
+        local = n if rows is None else rows.padded(n) // rows.size
+        size = sketch.dim if isinstance(sketch, FactoredSketch) else local
         decode = None if isinstance(sketch, FactoredSketch) else type(sketch).decode_row
-        self._how = _How(measure, readout, min(train_chunk, rows), decode)
+        self._how = _How(measure, readout, min(train_chunk, size), decode, rows, n)
 
     def __call__(self, queries: Batch) -> Array:
         """Scores ``(num_queries, num_train)`` for a batch of query examples."""
         kernel = _factored_scores if self._factored else _scores_block
         out = [self._run(kernel, chunk)[:m] for chunk, m in self._query_chunks(queries)]
-        return jnp.concatenate(out, axis=0)
+        out = jnp.concatenate(out, axis=0)
+        n = self.sketch.num_train
+        return out if out.shape[1] == n else out[:, :n]
 
     def top_k(self, queries: Batch, k: int = 10) -> TopK:
         """Top-``k`` proponents and opponents per query, never holding all scores."""
@@ -100,7 +110,9 @@ class Scorer:
                 "sketch's row order."
             )
         kernel = _factored_self if self._factored else _self_block
-        return self._run(kernel, train_data)
+        size = _tree.leading_size(self._stored.ids)
+        out = self._run(kernel, _tree.pad_rows(train_data, size))
+        return out if size == n else out[:n]
 
     @property
     def _factored(self) -> bool:
@@ -109,7 +121,7 @@ class Scorer:
     def _run(self, kernel, examples, **kwargs):
         """Calls a kernel, turning autodiff failures of the measure into advice."""
         try:
-            return kernel(self.params, self.sketch, examples, how=self._how, **kwargs)
+            return kernel(self.params, self._stored, examples, how=self._how, **kwargs)
         except (ValueError, TypeError, NotImplementedError) as err:
             text = str(err).lower()
             if isinstance(self.readout, JVP) and (
@@ -136,12 +148,18 @@ class Scorer:
 
 @dataclasses.dataclass(frozen=True)
 class _How:
-    """Static configuration of the scoring kernels (hashable, for the jit cache)."""
+    """Static configuration of the scoring kernels (hashable, for the jit cache).
+
+    ``rows`` is the mesh layout that splits sketch rows (``None``: one device)
+    and ``num_rows`` the sketch's rows before padding to a multiple of it.
+    """
 
     measure: Callable
     readout: Any
     chunk: int
     decode: Callable | None
+    rows: _sharding.Rows | None
+    num_rows: int
 
     def derivative(self, params, r, queries, base):
         """Readout of the measurements of ``queries`` along direction ``r``."""
@@ -162,19 +180,69 @@ class _How:
             params, self.decode(row, params), queries, base
         )
 
+    def split(self, local, sketch, *, examples=False, out_axis=1):
+        """``local(params, sketch, examples)`` run on each device's sketch rows.
+
+        Parameters (and queries unless ``examples``) are replicated; the
+        output is split along its axis ``out_axis``. ``local`` itself without
+        a mesh.
+        """
+        if self.rows is None:
+            return local
+        axis = self.rows.axis
+        specs = (
+            P(),
+            _sharding.sketch_specs(sketch, axis),
+            P(axis) if examples else P(),
+        )
+        return self.rows.map(local, specs, P(*(None,) * out_axis, axis))
+
+    def first_row(self, local_rows):
+        """Global index of this device's first sketch row (0 without a mesh)."""
+        if self.rows is None:
+            return 0
+        return jax.lax.axis_index(self.rows.axis) * local_rows
+
+
+def _pad_and_place(sketch, rows):
+    """The sketch with zero rows up to a multiple of the devices, split over them.
+
+    A zero row is a zero response, so its scores are zero; callers drop them.
+    """
+    n = sketch.num_train
+    extra = rows.padded(n) - n
+    grow = lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)])
+    pad = lambda a, spec: grow(a) if extra and spec != P() else a
+    specs = _sharding.sketch_specs(sketch, rows.axis)
+    padded = jax.tree.map(pad, sketch, specs)
+    return _sharding.place_sketch(padded, rows)
+
 
 # Rows are parameter directions (dense, per-layer low rank, grouped) ----------
 
 
 @functools.partial(jax.jit, static_argnames="how")
 def _scores_block(params, sketch, queries, *, how):
-    per = how.per_row(params, queries)
-    return jax.lax.map(per, sketch.rows, batch_size=how.chunk).T
+    def local(params, sketch, queries):
+        per = how.per_row(params, queries)
+        return jax.lax.map(per, sketch.rows, batch_size=how.chunk).T
+
+    return how.split(local, sketch)(params, sketch, queries)
 
 
 @functools.partial(jax.jit, static_argnames=("how", "k"))
 def _topk_block(params, sketch, queries, *, how, k):
+    def local(params, sketch, queries):
+        return _topk_rows(params, sketch, queries, how, k)
+
+    found = how.split(local, sketch)(params, sketch, queries)
+    return _merge_devices(found, how, k)
+
+
+def _topk_rows(params, sketch, queries, how, k):
+    """Top-``k`` of this device's rows, streaming ``how.chunk`` rows at a time."""
     n, c = sketch.num_train, how.chunk
+    k, first = min(k, n), how.first_row(n)
     per = how.per_row(params, queries)
 
     def body(i, carry):
@@ -184,7 +252,9 @@ def _topk_block(params, sketch, queries, *, how, k):
         )
         s = jax.vmap(per)(rows).T  # (queries, c)
         idx = (start + jnp.arange(c)).astype(jnp.int32)
-        fresh = idx >= i * c  # the clamped last chunk repeats earlier rows
+        # The clamped last chunk repeats earlier rows; padding rows are no rows.
+        fresh = (idx >= i * c) & (first + idx < how.num_rows)
+        idx = first + idx
         hi = _merge(carry[0], jnp.where(fresh, s, -jnp.inf), idx, k)
         lo = _merge(carry[1], jnp.where(fresh, -s, -jnp.inf), idx, k)
         return hi, lo
@@ -196,60 +266,110 @@ def _topk_block(params, sketch, queries, *, how, k):
 
 @functools.partial(jax.jit, static_argnames="how")
 def _self_block(params, sketch, examples, *, how):
-    def one(args):
-        row, example = args
-        f = lambda p: how.measure(p, example)[None]
-        r = jax.tree.map(
-            lambda a, p: a.astype(p.dtype), how.decode(row, params), params
-        )
-        return how.readout(f, params, r)[0]
+    def local(params, sketch, examples):
+        def one(args):
+            row, example = args
+            f = lambda p: how.measure(p, example)[None]
+            r = jax.tree.map(
+                lambda a, p: a.astype(p.dtype), how.decode(row, params), params
+            )
+            return how.readout(f, params, r)[0]
 
-    return jax.lax.map(one, (sketch.rows, examples), batch_size=how.chunk)
+        return jax.lax.map(one, (sketch.rows, examples), batch_size=how.chunk)
+
+    split = how.split(local, sketch, examples=True, out_axis=0)
+    return split(params, sketch, examples)
 
 
 # Rows are coefficients in a shared basis (projected, adaptive) ---------------
 
 
-def _query_coefficients(params, sketch, queries, how):
-    """``(num_queries, dim)`` readouts of the queries along each basis direction."""
+def _query_coefficients(params, sketch, queries, how, index):
+    """``(num_queries, len(index))`` readouts along basis directions ``index``."""
     base = how.base(params, queries)
 
     def one(i):
         d = jax.tree.map(lambda a: a[0], sketch.directions(params, i, 1))
         return how.derivative(params, d, queries, base)
 
-    return jax.lax.map(one, jnp.arange(sketch.dim), batch_size=how.chunk).T
+    return jax.lax.map(one, index, batch_size=how.chunk).T
+
+
+def _shared_coefficients(params, sketch, queries, how):
+    """``(num_queries, dim)`` query coefficients, each device reading a share.
+
+    With a mesh, device ``j`` reads directions ``j * share ...`` (the last
+    index repeated past ``dim``) and the shares are gathered, so the ``dim``
+    readouts per query are split over devices rather than repeated.
+    """
+    dim = sketch.dim
+    if how.rows is None:
+        return _query_coefficients(params, sketch, queries, how, jnp.arange(dim))
+    axis, share = how.rows.axis, -(-dim // how.rows.size)
+    first = jax.lax.axis_index(axis) * share
+    index = jnp.minimum(first + jnp.arange(share), dim - 1)
+    coef = _query_coefficients(params, sketch, queries, how, index)
+    return jax.lax.all_gather(coef, axis, axis=1, tiled=True)[:, :dim]
+
+
+def _factored_local(params, sketch, queries, how):
+    coef = _shared_coefficients(params, sketch, queries, how)
+    return coef @ sketch.coefficients.T.astype(coef.dtype)
 
 
 @functools.partial(jax.jit, static_argnames="how")
 def _factored_scores(params, sketch, queries, *, how):
-    coef = _query_coefficients(params, sketch, queries, how)
-    return coef @ sketch.coefficients.T.astype(coef.dtype)
+    local = lambda p, s, q: _factored_local(p, s, q, how)
+    return how.split(local, sketch)(params, sketch, queries)
 
 
 @functools.partial(jax.jit, static_argnames=("how", "k"))
 def _factored_topk(params, sketch, queries, *, how, k):
-    scores = _factored_scores(params, sketch, queries, how=how)
-    hi, hi_i = jax.lax.top_k(scores, k)
-    lo, lo_i = jax.lax.top_k(-scores, k)
-    return (hi, hi_i), (lo, lo_i)
+    def local(params, sketch, queries):
+        scores = _factored_local(params, sketch, queries, how)
+        n = scores.shape[1]
+        idx = how.first_row(n) + jnp.arange(n, dtype=jnp.int32)
+        idx = jnp.broadcast_to(idx, scores.shape)
+        real = idx < how.num_rows
+        top = lambda s: _best(jnp.where(real, s, -jnp.inf), idx, min(k, n))
+        return top(scores), top(-scores)
+
+    found = how.split(local, sketch)(params, sketch, queries)
+    return _merge_devices(found, how, k)
 
 
 @functools.partial(jax.jit, static_argnames="how")
 def _factored_self(params, sketch, examples, *, how):
-    coef = _query_coefficients(params, sketch, examples, how)
-    return jnp.sum(coef * sketch.coefficients.astype(coef.dtype), axis=1)
+    def local(params, sketch, examples):
+        index = jnp.arange(sketch.dim)
+        coef = _query_coefficients(params, sketch, examples, how, index)
+        return jnp.sum(coef * sketch.coefficients.astype(coef.dtype), axis=1)
+
+    split = how.split(local, sketch, examples=True, out_axis=0)
+    return split(params, sketch, examples)
 
 
 def _dtype(params):
     return jnp.result_type(*jax.tree.leaves(params))
 
 
+def _best(vals, inds, k):
+    """The ``k`` largest ``vals`` per row and their ``inds``."""
+    top, pos = jax.lax.top_k(vals, k)
+    return top, jnp.take_along_axis(inds, pos, axis=1)
+
+
 def _merge(carry, scores, idx, k):
     vals = jnp.concatenate([carry[0], scores], axis=1)
     inds = jnp.concatenate([carry[1], jnp.broadcast_to(idx, scores.shape)], axis=1)
-    top, pos = jax.lax.top_k(vals, k)
-    return top, jnp.take_along_axis(inds, pos, axis=1)
+    return _best(vals, inds, k)
+
+
+def _merge_devices(found, how, k):
+    """The overall top-``k`` from each device's top candidates, side by side."""
+    if how.rows is None:
+        return found
+    return tuple(_best(vals, inds, k) for vals, inds in found)
 
 
 def scorer(
@@ -260,8 +380,20 @@ def scorer(
     readout=None,
     query_chunk: int = 64,
     train_chunk: int = 256,
+    mesh: Mesh | None = None,
+    mesh_axis: str | None = None,
 ) -> Scorer:
     """A forward-only scorer of query batches against ``sketch``.
+
+    With a ``mesh``, the sketch's rows are split over the devices along
+    ``mesh_axis`` and each device scores its rows against the whole query
+    chunk, by ``jax.shard_map``; top-k merges each device's top-k. A sketch
+    whose rows do not divide evenly is copied with zero rows appended (a sketch
+    from :func:`jaxattr.shard_sketch` is used in place). Scores come back
+    split along ``num_train`` when it divides evenly. For a
+    :class:`FactoredSketch` the devices also share the query side: each reads
+    its share of the basis directions. Results equal the single-device ones
+    up to floating-point reassociation (a few ulps).
 
     Args:
       measure: ``measure(params, example) -> scalar`` for one query, e.g.
@@ -275,13 +407,17 @@ def scorer(
       query_chunk: queries per kernel call.
       train_chunk: sketch rows (or basis directions) per vectorised step;
         bounds memory.
+      mesh: a ``jax.sharding.Mesh`` to split the sketch's rows over; ``None``
+        (default) scores on the default device.
+      mesh_axis: the mesh axis that splits rows; may be omitted when the mesh
+        has one axis. Other mesh axes hold copies.
 
     Returns:
       A :class:`Scorer`; ``scorer(queries)`` gives ``(num_queries, num_train)``.
 
     Raises:
-      ValueError: ``params`` do not match the sketch, or the sketch is tied to a
-        different measurement.
+      ValueError: ``params`` do not match the sketch, the sketch is tied to a
+        different measurement, or ``mesh_axis`` is not an axis of ``mesh``.
     """
     if not isinstance(sketch, SKETCHES):
         raise TypeError(
@@ -295,6 +431,7 @@ def scorer(
             f"jaxattr.ForwardDifference(), got {readout!r}."
         )
     sketch.check_params(params)
+    rows = _sharding.layout(mesh, mesh_axis)
     tied = sketch.info.measurement
     if tied is not None and tied != measure_name(measure):
         raise ValueError(
@@ -309,4 +446,5 @@ def scorer(
         readout,
         _checks.positive_int("query_chunk", query_chunk),
         _checks.positive_int("train_chunk", train_chunk),
+        rows,
     )
