@@ -10,6 +10,7 @@ from jaxattr._builders import (
     compress,
 )
 from jaxattr._curvature import GaussNewton
+from jaxattr._ensemble import Ensemble
 from jaxattr._intraining import InTraining, InTrainingState, in_training
 from jaxattr._io import load_sketch, load_state, save_sketch, save_state
 from jaxattr._lowrank import Eigenbasis, LowRank, eigenbasis
@@ -34,6 +35,7 @@ __all__ = [
     "Dense",
     "DenseSketch",
     "Eigenbasis",
+    "Ensemble",
     "FactoredSketch",
     "ForwardDifference",
     "GaussNewton",

@@ -193,3 +193,19 @@ def test_bad_scorer_arguments(trained):
         score.self_influence(jax.tree.map(lambda a: a[:39], data))
     with pytest.raises(ValueError, match="leading"):
         score((data[0], data[1][:3]))
+
+
+def test_ensemble_is_the_weighted_sum_of_its_scorers(trained):
+    task, params, data, sketch = trained
+    shifted = jax.tree.map(lambda p: p * 1.01, params)
+    other = jaxattr.simulate(task, shifted, data, key=jax.random.key(1), horizon=50)
+    a = jaxattr.scorer(task.margin, params, sketch)
+    b = jaxattr.scorer(task.margin, shifted, other)
+    ens = jaxattr.Ensemble([a, b], weights=[0.25, 0.75])
+    expected = 0.25 * np.asarray(a(data)) + 0.75 * np.asarray(b(data))
+    assert_close(ens(data), expected, rtol=1e-12)
+    top = ens.top_k(data, k=3, query_chunk=7)
+    np.testing.assert_array_equal(top.proponents, np.argsort(-expected, 1)[:, :3])
+    assert_close(ens.self_influence(data), np.diag(expected), rtol=1e-9)
+    with pytest.raises(ValueError, match="Got 1 weights for 2 scorers"):
+        jaxattr.Ensemble([a, b], weights=[1.0])
