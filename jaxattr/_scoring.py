@@ -378,8 +378,8 @@ def scorer(
     sketch: Any,
     *,
     readout=None,
-    query_chunk: int = 64,
-    train_chunk: int = 256,
+    query_chunk: int = 128,
+    train_chunk: int = 1024,
     mesh: Mesh | None = None,
     mesh_axis: str | None = None,
 ) -> Scorer:
@@ -406,7 +406,9 @@ def scorer(
         :class:`ForwardDifference`.
       query_chunk: queries per kernel call.
       train_chunk: sketch rows (or basis directions) per vectorised step;
-        bounds memory.
+        bounds memory (``train_chunk`` responses in flight). The defaults,
+        128 x 1024, were the fastest measured for dense scoring on MNIST-MLP
+        on two CPU cores (14.5 ms per query against 44 ms at 64 x 256).
       mesh: a ``jax.sharding.Mesh`` to split the sketch's rows over; ``None``
         (default) scores on the default device.
       mesh_axis: the mesh axis that splits rows; may be omitted when the mesh
