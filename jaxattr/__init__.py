@@ -2,6 +2,7 @@
 
 from jaxattr._builders import (
     Adaptive,
+    CurvatureBasis,
     Dense,
     Grouped,
     InBasis,
@@ -32,6 +33,7 @@ from jaxattr._version import __version__
 __all__ = [
     "Adaptive",
     "CentralDifference",
+    "CurvatureBasis",
     "Dense",
     "DenseSketch",
     "Eigenbasis",

@@ -420,3 +420,60 @@ def compress(sketch: DenseSketch, builder, params: Params, chunk_size: int = 256
             yield start, jax.tree.map(lambda a: a[start:stop], sketch.responses)
 
     return run(builder, chunks, params, n, np.asarray(sketch.ids), sketch.info)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureBasis:
+    """Coefficients in the top-``rank`` eigendirections of a LowRank curvature.
+
+    Only for :func:`jaxattr.simulate` with a :class:`jaxattr.LowRank` (or
+    :class:`jaxattr.Eigenbasis`) curvature. There the response's coordinate
+    along eigenvector ``v_i`` is ``-phi_K(s_i) <v_i, grad loss_b>``, so each
+    example costs one projection of its gradient and the dense response is
+    never formed; the part of the response outside the basis is dropped. The
+    query side costs ``rank`` readouts along the eigenvectors.
+
+    Attributes:
+      rank: eigendirections kept, largest eigenvalues first (``None``: all).
+    """
+
+    rank: int | None = None
+    passes = 1
+
+    def __post_init__(self):
+        if self.rank is not None:
+            _checks.positive_int("rank", self.rank)
+
+    def context(self, params, num_rows):
+        raise TypeError(
+            "CurvatureBasis is computed by jaxattr.simulate with a LowRank or "
+            "Eigenbasis curvature; it cannot re-encode stored responses. Use "
+            "InBasis(jaxattr.eigenbasis(...).vectors) with compress instead."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Coefficients:
+    """Collects coefficient rows computed by simulate into a FactoredSketch."""
+
+    vectors: Any
+    label: str
+    passes = 1
+
+    def context(self, params, num_rows):
+        return ravel_pytree(params)[1]
+
+    def start(self, ctx):
+        return BuildState({}, [])
+
+    def add(self, ctx, state, pass_index, rows, start):
+        return BuildState(state.acc, state.parts + [rows])
+
+    def end_pass(self, ctx, state, pass_index):
+        return state
+
+    def finish(self, ctx, state, ids, info):
+        stored = jax.vmap(ctx)(self.vectors)
+        info = _with(info, sketch=self.label, dim=int(self.vectors.shape[0]))
+        coef = jnp.concatenate(state.parts)
+        return FactoredSketch(coef, stored, jnp.asarray(ids), info)

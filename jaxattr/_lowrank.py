@@ -166,17 +166,62 @@ def closed_form_fn(
     step_size: float,
 ) -> Callable:
     """Per-example response of the recursion on curvature ``basis``, in closed form."""
+    respond_to = gradient_closed_form(params, basis, horizon, damping, step_size)
+    return lambda example: respond_to(jax.grad(loss)(params, example))
+
+
+def gradient_closed_form(
+    params: Params,
+    basis: Eigenbasis,
+    horizon: int | None,
+    damping: float,
+    step_size: float,
+) -> Callable:
+    """``g -> -phi_K(G) g``: the closed-form response to a loss gradient ``g``."""
     _, unravel = ravel_pytree(params)
     phi = horizon_filter(basis.values, horizon, damping, step_size)
     phi0 = horizon_filter(jnp.zeros(()), horizon, damping, step_size)
 
-    def respond(example):
-        g = ravel_pytree(jax.grad(loss)(params, example))[0]
+    def respond_to(g):
+        g = ravel_pytree(g)[0]
         coef = basis.vectors @ g
-        r = -(phi0 * g + basis.vectors.T @ ((phi - phi0) * coef))
-        return unravel(r)
+        return unravel(-(phi0 * g + basis.vectors.T @ ((phi - phi0) * coef)))
 
-    return respond
+    return respond_to
+
+
+def coefficient_fn(
+    loss: Callable,
+    params: Params,
+    basis: Eigenbasis,
+    horizon: int | None,
+    damping: float,
+    step_size: float,
+) -> Callable:
+    """Per-example coefficients ``V r_b = -phi_K(s) * (V grad loss_b)`` in the basis.
+
+    The rows of ``V`` are eigenvectors, so the response's coordinates along
+    them need one projection of the gradient and no dense response at all.
+    """
+    phi = horizon_filter(basis.values, horizon, damping, step_size)
+
+    def coefficients(example):
+        g = ravel_pytree(jax.grad(loss)(params, example))[0]
+        return -phi * (basis.vectors @ g)
+
+    return coefficients
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "horizon", "split"))
+def coefficient_rows(rows, params, basis, damping, step_size, *, loss, horizon, split):
+    """Eigenbasis coefficients of a chunk, split over devices by ``split``."""
+
+    def local(rows, params, basis, damping, step_size):
+        fn = coefficient_fn(loss, params, basis, horizon, damping, step_size)
+        return jax.vmap(fn)(rows)
+
+    run = _sharding.rows_map(local, split)
+    return run(rows, params, basis, damping, step_size)
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "horizon", "split"))
@@ -189,3 +234,10 @@ def respond_rows(rows, params, basis, damping, step_size, *, loss, horizon, spli
 
     run = _sharding.rows_map(local, split)
     return run(rows, params, basis, damping, step_size)
+
+
+@functools.partial(jax.jit, static_argnames="horizon")
+def respond_gradients(gs, params, basis, damping, step_size, *, horizon):
+    """Closed-form responses to a batch of loss gradients (leading axis)."""
+    respond_to = gradient_closed_form(params, basis, horizon, damping, step_size)
+    return jax.vmap(respond_to)(gs)

@@ -5,6 +5,7 @@ import functools
 from typing import Any, Callable, Literal
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -13,7 +14,7 @@ from jaxattr import _builders, _checks, _io, _lowrank, _sharding, _tree
 from jaxattr._curvature import GaussNewton, top_eigenvalue
 from jaxattr._lowrank import Eigenbasis, LowRank
 from jaxattr._progress import progress as _progress
-from jaxattr._sketch import SketchInfo, check_ids
+from jaxattr._sketch import DenseSketch, SketchInfo, check_ids
 from jaxattr._task import Task, measure_name
 from jaxattr._types import Array, Batch, Example, Params
 
@@ -102,11 +103,30 @@ def response_fn(
     ``jax.vmap`` of the returned function shares one linearisation per step and
     any chunking of examples gives the same responses.
     """
+    respond_to = gradient_response_fn(
+        curvature, params, data, key, horizon, damping, step_size
+    )
+    return lambda example: respond_to(jax.grad(loss)(params, example))
+
+
+def gradient_response_fn(
+    curvature: GaussNewton,
+    params: Params,
+    data: Batch,
+    key: Array,
+    horizon: int,
+    damping: float,
+    step_size: float,
+) -> Callable[[Params], Params]:
+    """The recursion as a function of the loss gradient ``g`` it is driven by.
+
+    Linear in ``g`` (the curvature minibatches do not depend on it), so the
+    response to a sum of gradients is the sum of their responses: grouped
+    sketches simulate one recursion per group, not per example.
+    """
     n = _tree.leading_size(data)
 
-    def respond(example):
-        g = jax.grad(loss)(params, example)
-
+    def respond_to(g):
         def step(r, k):
             batch = curvature.sample(data, n, key, k)
             gr = curvature.operator(params, batch)(r)
@@ -116,10 +136,9 @@ def response_fn(
             return r, None
 
         zero = jax.tree.map(jnp.zeros_like, g)
-        r, _ = jax.lax.scan(step, zero, jnp.arange(horizon))
-        return r
+        return jax.lax.scan(step, zero, jnp.arange(horizon))[0]
 
-    return respond
+    return respond_to
 
 
 def simulate(
@@ -246,8 +265,26 @@ def simulate(
             basis = _lowrank.eigenbasis(curvature, params, train_data, key)
         lam_max = float(basis.values[0]) if basis.values.size else 0.0
         damping, step_size = _resolve(damping, step_size, lam_max, horizon)
+        if isinstance(sketch, _builders.CurvatureBasis):
+            basis = _lowrank.Eigenbasis(
+                basis.vectors[: sketch.rank], basis.values[: sketch.rank]
+            )
+            sketch = _builders._Coefficients(basis.vectors, "curvature_basis")
+        respond_to = functools.partial(
+            _lowrank.respond_gradients,
+            params=params,
+            basis=basis,
+            damping=damping,
+            step_size=step_size,
+            horizon=horizon,
+        )
+        fn_kind = (
+            _lowrank.coefficient_rows
+            if isinstance(sketch, _builders._Coefficients)
+            else _lowrank.respond_rows
+        )
         fn = functools.partial(
-            _lowrank.respond_rows,
+            fn_kind,
             params=params,
             basis=basis,
             damping=damping,
@@ -264,6 +301,21 @@ def simulate(
             else None
         )
         damping, step_size = _resolve(damping, step_size, lam_max, horizon)
+        if isinstance(sketch, _builders.CurvatureBasis):
+            raise TypeError(
+                "sketch=CurvatureBasis needs curvature=jaxattr.LowRank(...) or an "
+                "Eigenbasis; a GaussNewton curvature has no eigenbasis."
+            )
+        respond_to = functools.partial(
+            _respond_gradients,
+            params=params,
+            data=train_data,
+            key=key,
+            damping=damping,
+            step_size=step_size,
+            curvature=curvature,
+            horizon=horizon,
+        )
         fn = functools.partial(
             _respond_rows,
             params=params,
@@ -276,18 +328,14 @@ def simulate(
             horizon=horizon,
             split=split,
         )
+    if isinstance(sketch, _builders.Grouped) and checkpoint_dir is None and not split:
+        info = _posthoc_info(
+            params, measurement, curvature, horizon, damping, step_size, lam_max
+        )
+        sums = _group_gradients(task.loss, params, train_data, sketch, ids, chunk_size)
+        return _grouped_sketch(respond_to, sums, sketch, info, chunk_size)
     devices = 1 if split is None else split.size
     chunks = _chunks(fn, train_data, n, chunk_size, progress, ids, devices)
-    base = curvature.curvature if isinstance(curvature, LowRank) else curvature
-    batch_size = getattr(base, "batch_size", None)
-    settings = dict(
-        horizon=horizon,
-        damping=damping,
-        step_size=step_size,
-        curvature=getattr(curvature, "name", "eigenbasis"),
-        curvature_batch_size=batch_size,
-        lambda_max=lam_max,
-    )
     builder = sketch or _builders.Dense()
     # What a checkpoint must match, besides the builder, params, ids and info.
     run = dict(
@@ -297,14 +345,91 @@ def simulate(
         curvature=curvature,
         chunk_size=chunk_size,
     )
-    info = SketchInfo(
+    info = _posthoc_info(
+        params, measurement, curvature, horizon, damping, step_size, lam_max
+    )
+    out = _io.run(builder, chunks, params, n, ids, info, checkpoint_dir, run, every)
+    return _sharding.place_if_even(out, split)
+
+
+def _posthoc_info(
+    params, measurement, curvature, horizon, damping, step_size, lam_max
+) -> SketchInfo:
+    base = curvature.curvature if isinstance(curvature, LowRank) else curvature
+    settings = dict(
+        horizon=horizon,
+        damping=damping,
+        step_size=step_size,
+        curvature=getattr(curvature, "name", "eigenbasis"),
+        curvature_batch_size=getattr(base, "batch_size", None),
+        lambda_max=lam_max,
+    )
+    return SketchInfo(
         _tree.param_spec(params),
         None if measurement is None else measure_name(measurement),
         "posthoc",
         tuple(sorted(settings.items())),
     )
-    out = _io.run(builder, chunks, params, n, ids, info, checkpoint_dir, run, every)
-    return _sharding.place_if_even(out, split)
+
+
+@functools.partial(jax.jit, static_argnames=("curvature", "horizon"))
+def _respond_gradients(
+    gs, params, data, key, damping, step_size, *, curvature, horizon
+):
+    respond_to = gradient_response_fn(
+        curvature, params, data, key, horizon, damping, step_size
+    )
+    return jax.vmap(respond_to)(gs)
+
+
+def _group_gradients(loss, params, data, grouped, ids, chunk):
+    """Loss gradients summed per group, streaming over examples.
+
+    Returns:
+      ``(labels, sums)``: sorted group labels and a pytree with a leading
+      ``num_groups`` axis.
+    """
+    n = _tree.leading_size(data)
+    ctx = grouped.context(params, n)
+    sums = _tree.zeros_stacked(params, len(ctx["labels"]))
+    size = min(chunk, n)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        rows = _tree.pad_rows(_tree.slice_rows(data, start, stop), size)
+        index = jnp.full(size, -1).at[: stop - start].set(ctx["index"][start:stop])
+        sums, finite = _add_gradients(loss, params, rows, index, sums)
+        ok = np.asarray(finite)[: stop - start]
+        _checks.finite_per_example(
+            np.where(ok, 0.0, np.nan), ids[start:stop], "The loss gradient"
+        )
+    return ctx["labels"], sums
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _add_gradients(loss, params, rows, index, sums):
+    grads = jax.vmap(jax.grad(loss), (None, 0))(params, rows)
+    flat = jax.vmap(lambda g: jax.flatten_util.ravel_pytree(g)[0])(grads)
+    finite = jnp.all(jnp.isfinite(flat), axis=1)
+    keep = index >= 0
+    add = lambda s, g: s.at[jnp.where(keep, index, 0)].add(
+        g * keep.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+    )
+    return jax.tree.map(add, sums, grads), finite
+
+
+def _grouped_sketch(respond_to, group_sums, grouped, info, chunk):
+    """Responses to the per-group gradient sums, ``chunk`` groups at a time."""
+    labels, sums = group_sums
+    s = len(labels)
+    parts = []
+    for start in range(0, s, chunk):
+        stop = min(start + chunk, s)
+        rows = _tree.pad_rows(_tree.slice_rows(sums, start, stop), min(chunk, s))
+        out = respond_to(rows)
+        parts.append(jax.tree.map(lambda a, k=stop - start: a[:k], out))
+    responses = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+    info = _builders._with(info, grouped=True)
+    return DenseSketch(responses, jnp.asarray(labels), info)
 
 
 def default_curvature(task: Task, num_train: int) -> GaussNewton | LowRank:

@@ -211,3 +211,51 @@ def test_rerank_recovers_the_exact_top_k_from_a_coarse_shortlist(dense):
         assert len(set(np.asarray(got)) & set(np.asarray(want))) >= 1
     with pytest.raises(ValueError, match="shortlist=2 must be >= k=3"):
         jaxattr.rerank(coarse, sketch, data, k=3, shortlist=2)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "ggn"])
+def test_grouped_simulation_sums_gradients_first_and_equals_summed_responses(
+    dense, kind
+):
+    task, params, data, sketch, kwargs = dense
+    groups = np.array([5, 2] * 10)
+    curvature = None if kind == "lowrank" else task.ggn(batch_size=6)
+    kw = dict(kwargs, curvature=curvature)
+    per_example = jaxattr.simulate(task, params, data, **kw)
+    fast = jaxattr.simulate(task, params, data, sketch=jaxattr.Grouped(groups), **kw)
+    summed = jaxattr.compress(per_example, jaxattr.Grouped(groups), params)
+    np.testing.assert_array_equal(fast.ids, [2, 5])
+    assert_close(fast.responses, summed.responses, rtol=1e-10)
+
+
+def test_curvature_basis_coefficients_are_the_response_coordinates(dense):
+    task, params, data, sketch, kwargs = dense
+    basis = jaxattr.eigenbasis(
+        jaxattr.default_curvature(task, 20), params, data, kwargs["key"]
+    )
+    coded = jaxattr.simulate(
+        task, params, data, sketch=jaxattr.CurvatureBasis(4), **kwargs
+    )
+    expected = flat_rows(sketch.responses) @ basis.vectors[:4].T
+    assert_close(coded.coefficients, expected, rtol=1e-9)
+    full = jaxattr.simulate(
+        task, params, data, sketch=jaxattr.CurvatureBasis(), **kwargs
+    )
+    via_basis = jaxattr.compress(sketch, jaxattr.InBasis(basis.vectors), params)
+    assert_close(
+        scores(task, params, full, data),
+        scores(task, params, via_basis, data),
+        rtol=1e-8,
+    )
+    with pytest.raises(
+        TypeError, match="CurvatureBasis needs curvature=jaxattr.LowRank"
+    ):
+        jaxattr.simulate(
+            task,
+            params,
+            data,
+            sketch=jaxattr.CurvatureBasis(2),
+            **dict(kwargs, curvature=task.ggn(batch_size=4)),
+        )
+    with pytest.raises(TypeError, match="cannot re-encode stored responses"):
+        jaxattr.compress(sketch, jaxattr.CurvatureBasis(2), params)
