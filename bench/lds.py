@@ -221,7 +221,7 @@ def run_methods(ctx, config, data_for_peers) -> list:
     for method in METHODS:
         name = method.__name__
         if name == "influence_explicit" and not config.explicit:
-            rows.append(infeasible("IF explicit (GGN)", "skipped (--quick)"))
+            rows.append(infeasible("IF explicit (GGN)", "skipped (--no-explicit)"))
             continue
         if name == "influence_explicit" and not methods.explicit_feasible(
             common.num_params(ctx.params)
@@ -591,11 +591,11 @@ def parse(argv=None) -> tuple:
     for name in ints:
         p.add_argument("--" + name.replace("_", "-"), type=int)
     p.add_argument("--ensembles", type=lambda s: tuple(int(v) for v in s.split(",")))
-    for flag in ("noisy", "peers"):
+    for flag in ("noisy", "peers", "explicit"):
         p.add_argument(f"--no-{flag}", dest=flag, action="store_false", default=None)
     args = p.parse_args(argv)
     values = setting_defaults(args.setting) | (QUICK if args.quick else {})
-    for name in (*ints, "ensembles", "noisy", "peers"):
+    for name in (*ints, "ensembles", "noisy", "peers", "explicit"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     config = Config(setting=args.setting, progress=args.progress, **values)
