@@ -212,24 +212,17 @@ def coefficient_fn(
     return coefficients
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "horizon", "split"))
-def coefficient_rows(rows, params, basis, damping, step_size, *, loss, horizon, split):
-    """Eigenbasis coefficients of a chunk, split over devices by ``split``."""
+@functools.partial(jax.jit, static_argnames=("loss", "horizon", "per_example", "split"))
+def map_rows(
+    rows, params, basis, damping, step_size, *, loss, horizon, per_example, split
+):
+    """``per_example`` (closed-form responses or coefficients) over a chunk.
+
+    The chunk's rows are split over devices by ``split``.
+    """
 
     def local(rows, params, basis, damping, step_size):
-        fn = coefficient_fn(loss, params, basis, horizon, damping, step_size)
-        return jax.vmap(fn)(rows)
-
-    run = _sharding.rows_map(local, split)
-    return run(rows, params, basis, damping, step_size)
-
-
-@functools.partial(jax.jit, static_argnames=("loss", "horizon", "split"))
-def respond_rows(rows, params, basis, damping, step_size, *, loss, horizon, split):
-    """Closed-form responses of a chunk, split over devices by ``split``."""
-
-    def local(rows, params, basis, damping, step_size):
-        fn = closed_form_fn(loss, params, basis, horizon, damping, step_size)
+        fn = per_example(loss, params, basis, horizon, damping, step_size)
         return jax.vmap(fn)(rows)
 
     run = _sharding.rows_map(local, split)

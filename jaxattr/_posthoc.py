@@ -2,7 +2,7 @@
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -259,83 +259,33 @@ def simulate(
     losses = _checks.losses_in_chunks(task.loss, params, train_data, chunk_size)
     _checks.finite_per_example(losses, ids, "The training loss")
 
-    if isinstance(curvature, (LowRank, Eigenbasis)):
-        basis = curvature
-        if isinstance(curvature, LowRank):
-            basis = _lowrank.eigenbasis(curvature, params, train_data, key)
-        lam_max = float(basis.values[0]) if basis.values.size else 0.0
-        damping, step_size = _resolve(damping, step_size, lam_max, horizon)
-        if isinstance(sketch, _builders.CurvatureBasis):
-            basis = _lowrank.Eigenbasis(
-                basis.vectors[: sketch.rank], basis.values[: sketch.rank]
-            )
-            sketch = _builders._Coefficients(basis.vectors, "curvature_basis")
-        respond_to = functools.partial(
-            _lowrank.respond_gradients,
-            params=params,
-            basis=basis,
-            damping=damping,
-            step_size=step_size,
-            horizon=horizon,
-        )
-        fn_kind = (
-            _lowrank.coefficient_rows
-            if isinstance(sketch, _builders._Coefficients)
-            else _lowrank.respond_rows
-        )
-        fn = functools.partial(
-            fn_kind,
-            params=params,
-            basis=basis,
-            damping=damping,
-            step_size=step_size,
-            loss=task.loss,
-            horizon=horizon,
-            split=split,
-        )
-    else:
-        needs_top = isinstance(damping, Relative) or step_size == "auto"
-        lam_max = (
-            top_curvature_eigenvalue(curvature, params, train_data, key)
-            if needs_top
-            else None
-        )
-        damping, step_size = _resolve(damping, step_size, lam_max, horizon)
-        if isinstance(sketch, _builders.CurvatureBasis):
-            raise TypeError(
-                "sketch=CurvatureBasis needs curvature=jaxattr.LowRank(...) or an "
-                "Eigenbasis; a GaussNewton curvature has no eigenbasis."
-            )
-        respond_to = functools.partial(
-            _respond_gradients,
-            params=params,
-            data=train_data,
-            key=key,
-            damping=damping,
-            step_size=step_size,
-            curvature=curvature,
-            horizon=horizon,
-        )
-        fn = functools.partial(
-            _respond_rows,
-            params=params,
-            data=train_data,
-            key=key,
-            damping=damping,
-            step_size=step_size,
-            loss=task.loss,
-            curvature=curvature,
-            horizon=horizon,
-            split=split,
-        )
+    plan = _plan(
+        task,
+        params,
+        train_data,
+        key,
+        curvature,
+        horizon,
+        damping,
+        step_size,
+        sketch,
+        split,
+    )
+    sketch = plan.sketch
+    info = _posthoc_info(
+        params,
+        measurement,
+        curvature,
+        horizon,
+        plan.damping,
+        plan.step_size,
+        plan.lam_max,
+    )
     if isinstance(sketch, _builders.Grouped) and checkpoint_dir is None and not split:
-        info = _posthoc_info(
-            params, measurement, curvature, horizon, damping, step_size, lam_max
-        )
         sums = _group_gradients(task.loss, params, train_data, sketch, ids, chunk_size)
-        return _grouped_sketch(respond_to, sums, sketch, info, chunk_size)
+        return _grouped_sketch(plan.respond_to, sums, sketch, info, chunk_size)
     devices = 1 if split is None else split.size
-    chunks = _chunks(fn, train_data, n, chunk_size, progress, ids, devices)
+    chunks = _chunks(plan.rows, train_data, n, chunk_size, progress, ids, devices)
     builder = sketch or _builders.Dense()
     # What a checkpoint must match, besides the builder, params, ids and info.
     run = dict(
@@ -345,11 +295,99 @@ def simulate(
         curvature=curvature,
         chunk_size=chunk_size,
     )
-    info = _posthoc_info(
-        params, measurement, curvature, horizon, damping, step_size, lam_max
-    )
     out = _io.run(builder, chunks, params, n, ids, info, checkpoint_dir, run, every)
     return _sharding.place_if_even(out, split)
+
+
+class _Plan(NamedTuple):
+    """How simulate turns examples into sketch rows, once settings are resolved.
+
+    Attributes:
+      rows: ``rows(chunk of examples) -> chunk of responses`` (or coefficients).
+      respond_to: ``respond_to(gradients) -> responses`` (linear in them).
+      sketch: the builder the rows stream into.
+      damping, step_size, lam_max: the resolved settings.
+    """
+
+    rows: Callable
+    respond_to: Callable
+    sketch: Any
+    damping: float
+    step_size: float
+    lam_max: float | None
+
+
+def _plan(
+    task, params, data, key, curvature, horizon, damping, step_size, sketch, split
+) -> _Plan:
+    if isinstance(curvature, GaussNewton):
+        return _recursion_plan(
+            task,
+            params,
+            data,
+            key,
+            curvature,
+            horizon,
+            damping,
+            step_size,
+            sketch,
+            split,
+        )
+    basis = curvature
+    if isinstance(curvature, LowRank):
+        basis = _lowrank.eigenbasis(curvature, params, data, key)
+    lam_max = float(basis.values[0]) if basis.values.size else 0.0
+    damping, step_size = _resolve(damping, step_size, lam_max, horizon)
+    per_example = _lowrank.closed_form_fn
+    if isinstance(sketch, _builders.CurvatureBasis):
+        basis = _lowrank.Eigenbasis(
+            basis.vectors[: sketch.rank], basis.values[: sketch.rank]
+        )
+        sketch = _builders._Coefficients(basis.vectors, "curvature_basis")
+        per_example = _lowrank.coefficient_fn
+    settings = dict(
+        params=params,
+        basis=basis,
+        damping=damping,
+        step_size=step_size,
+        horizon=horizon,
+    )
+    rows = functools.partial(
+        _lowrank.map_rows,
+        **settings,
+        loss=task.loss,
+        per_example=per_example,
+        split=split,
+    )
+    respond_to = functools.partial(_lowrank.respond_gradients, **settings)
+    return _Plan(rows, respond_to, sketch, damping, step_size, lam_max)
+
+
+def _recursion_plan(
+    task, params, data, key, curvature, horizon, damping, step_size, sketch, split
+) -> _Plan:
+    if isinstance(sketch, _builders.CurvatureBasis):
+        raise TypeError(
+            "sketch=CurvatureBasis needs curvature=jaxattr.LowRank(...) or an "
+            "Eigenbasis; a GaussNewton curvature has no eigenbasis."
+        )
+    needs_top = isinstance(damping, Relative) or step_size == "auto"
+    lam_max = (
+        top_curvature_eigenvalue(curvature, params, data, key) if needs_top else None
+    )
+    damping, step_size = _resolve(damping, step_size, lam_max, horizon)
+    settings = dict(
+        params=params,
+        data=data,
+        key=key,
+        damping=damping,
+        step_size=step_size,
+        curvature=curvature,
+        horizon=horizon,
+    )
+    rows = functools.partial(_respond_rows, **settings, loss=task.loss, split=split)
+    respond_to = functools.partial(_respond_gradients, **settings)
+    return _Plan(rows, respond_to, sketch, damping, step_size, lam_max)
 
 
 def _posthoc_info(

@@ -118,7 +118,9 @@ def simulation_kernels(task, params, data, rows):
         "gauss_newton": _posthoc._respond_rows(
             chunk, data=data, key=key, curvature=gn, **common
         ),
-        "lowrank": _lowrank.respond_rows(chunk, basis=basis, **common),
+        "lowrank": _lowrank.map_rows(
+            chunk, basis=basis, per_example=_lowrank.closed_form_fn, **common
+        ),
     }
 
 

@@ -231,13 +231,13 @@ def crash_during_save(monkeypatch, k):
 
 def count_chunks(monkeypatch):
     """Counts the chunks of responses computed (the default closed-form path)."""
-    original, count = _lowrank.respond_rows, [0]
+    original, count = _lowrank.map_rows, [0]
 
     def respond(*args, **kwargs):
         count[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_lowrank, "respond_rows", respond)
+    monkeypatch.setattr(_lowrank, "map_rows", respond)
     return count
 
 
