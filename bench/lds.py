@@ -98,11 +98,12 @@ def setting_defaults(name: str) -> dict:
         # at horizon 20 (not the default 50) and TRAK self-influence from at most
         # 10 noisy-label models keep the run near 1.5 hours on 2 shared cores.
         return dict(
-            cg_queries=90,
+            cg_queries=50,
+            if_dampings=(1e-2, 1e-1),
             cg_self=False,
             sim_horizon=20,
             noisy_ensemble_max=10,
-            peer_timeout=900,
+            peer_timeout=600,
         )
     return {}
 
@@ -137,15 +138,18 @@ def keys(config: Config) -> dict:
     return {name: jax.random.fold_in(root, i) for i, name in enumerate(names)}
 
 
-def ground_truth(config, setting, train, queries, k, cache_dir) -> Truth:
-    n = len(train[1])
-    retrain = dict(
+def _retrain_options(config, cache_dir) -> dict:
+    return dict(
         models_per_chunk=config.models_per_chunk,
         cache_dir=cache_dir,
         progress=config.progress,
     )
-    weights = evaluate.random_subsets(k["subsets"], config.subsets, n)
-    lds, lds_s = common.timed(
+
+
+def lds_truth(config, setting, train, queries, k, cache_dir) -> Truth:
+    """The LDS ground truth; LOO is added by :func:`add_loo_truth`."""
+    weights = evaluate.random_subsets(k["subsets"], config.subsets, len(train[1]))
+    lds, seconds = common.timed(
         evaluate.retrain,
         setting.train_setup(),
         train,
@@ -153,22 +157,27 @@ def ground_truth(config, setting, train, queries, k, cache_dir) -> Truth:
         weights,
         k["lds"],
         num_seeds=config.seeds,
-        **retrain,
+        **_retrain_options(config, cache_dir),
     )
     log(f"LDS ground truth: {config.subsets} subsets x {config.seeds} seeds")
-    removed = np.asarray(jax.random.permutation(k["loo_pick"], n))[: config.loo]
-    loo, loo_s = common.timed(
+    return Truth(weights, lds, None, None, {"lds_s": seconds})
+
+
+def add_loo_truth(truth, config, setting, train, queries, k, cache_dir) -> None:
+    """Leave-one-out retraining: fixed seed and data order (``batching="fixed"``)."""
+    n = len(train[1])
+    truth.removed = np.asarray(jax.random.permutation(k["loo_pick"], n))[: config.loo]
+    truth.loo, truth.seconds["loo_s"] = common.timed(
         evaluate.retrain,
         setting.train_setup("fixed"),
         train,
         queries,
-        evaluate.loo_weights(n, removed),
+        evaluate.loo_weights(n, truth.removed),
         k["loo"],
         num_seeds=1,
-        **retrain,
+        **_retrain_options(config, cache_dir),
     )
     log(f"LOO ground truth: {config.loo} removed examples")
-    return Truth(weights, lds, removed, loo, {"lds_s": lds_s, "loo_s": loo_s})
 
 
 # Models ----------------------------------------------------------------------
@@ -477,8 +486,12 @@ class Bench:
     report: dict
 
 
-def run(config: Config, data_path=None, cache_dir=None) -> Bench:
-    """Runs the whole benchmark and returns its results (see :class:`Bench`)."""
+def run(config: Config, data_path=None, cache_dir=None, on_partial=None) -> Bench:
+    """Runs the whole benchmark and returns its results (see :class:`Bench`).
+
+    ``on_partial(report)``, if given, receives the report before the noisy-label
+    part (which rebuilds every method), so a long run keeps its main table.
+    """
     setting = common.SETTINGS[config.setting]
     if config.epochs is not None:
         setting = dataclasses.replace(setting, epochs=config.epochs)
@@ -490,7 +503,7 @@ def run(config: Config, data_path=None, cache_dir=None) -> Bench:
     queries = (jnp.asarray(queries[0]), jnp.asarray(queries[1]))
     task = jaxattr.classification(setting.model.apply)
     k = keys(config)
-    truth = ground_truth(config, setting, train, queries, k, cache_dir)
+    truth = lds_truth(config, setting, train, queries, k, cache_dir)
     trained = train_main(config, setting, task, train, jax.random.fold_in(k["loo"], 0))
     log(f"main model trained (simulated epochs {trained.sim_s:.0f} s)")
     ensemble = train_ensemble(config, setting, train, truth.weights, k["ensemble"])
@@ -511,15 +524,18 @@ def run(config: Config, data_path=None, cache_dir=None) -> Bench:
         ensemble,
     )
     rows = run_methods(ctx, config, (setting, train, queries))
+    add_loo_truth(truth, config, setting, train, queries, k, cache_dir)
+    report_of = lambda aucs: make_report(
+        config, setting, task, trained, truth, ensemble, rows, aucs, train, queries
+    )
+    if on_partial is not None:
+        on_partial(report_of({}))
     aucs = (
         noisy_labels(config, setting, task, train, queries, truth, k, rows)
         if config.noisy
         else {}
     )
-    report = make_report(
-        config, setting, task, trained, truth, ensemble, rows, aucs, train, queries
-    )
-    return Bench(train, queries, truth, rows, report)
+    return Bench(train, queries, truth, rows, report_of(aucs))
 
 
 def make_report(
@@ -605,16 +621,26 @@ def parse(argv=None) -> tuple:
 def main(argv=None) -> int:
     config, args = parse(argv)
     log(f"{config.setting}: {config}")
-    bench = run(config, args.data, None if args.no_cache else args.cache_dir)
-    text = table(bench.report)
+    cache = None if args.no_cache else args.cache_dir
+    partial = lambda report: write(report, args.out, "before the noisy-label part")
+    bench = run(config, args.data, cache, on_partial=partial if args.out else None)
     print(f"{config.setting}: {bench.report['setting']}")
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(bench.report, f, indent=1)
-            f.write("\n")
+    print(table(bench.report))
+    write(bench.report, args.out)
     return 0
+
+
+def write(report: dict, path: str | None, stage: str | None = None) -> None:
+    """Writes the report as JSON (``stage`` marks an unfinished one)."""
+    if path is None:
+        return
+    report = dict(report, stage=stage or "complete")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    if stage is not None:
+        log(f"wrote {path} ({stage}):\n{table(report)}")
 
 
 if __name__ == "__main__":

@@ -589,7 +589,6 @@ def influence_cg(ctx: Context) -> list:
     ctx.cache["cg_damping"] = hp["damping"]
     sc = build(hp["damping"])
     rows = ctx.report[: cfg.cg_queries] if cfg.cg_queries else ctx.report
-    sc(take(ctx.queries, rows[: len(ctx.tune)]))  # compiles the chunk's slicing
     scores, ms = time_scores(sc, take(ctx.queries, rows), warm=False)
     note = f"CG {cfg.cg_iters} iterations on the damped GGN of all training examples"
     if len(rows) < len(ctx.report):

@@ -47,7 +47,7 @@ def jobs(ctx) -> list:
         else (
             "dattri_if_cg",
             "dattri IF-CG (Hessian)",
-            {"damping": damping, "max_iter": cfg.cg_iters, "queries": cfg.cg_queries},
+            {"damping": damping, "max_iter": min(cfg.cg_iters, 10), "queries": 20},
         )
     )
     return [
