@@ -1,6 +1,6 @@
 """Small pytree helpers used throughout the library."""
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +18,6 @@ def dot(a: Params, b: Params) -> Array:
 def sq_norm(a: Params) -> Array:
     """Squared Euclidean norm of a pytree."""
     return dot(a, a)
-
-
-def axpy(alpha: Any, x: Params, y: Params) -> Params:
-    """``alpha * x + y`` leaf by leaf."""
-    return jax.tree.map(lambda u, v: alpha * u + v, x, y)
 
 
 def scale(alpha: Any, x: Params) -> Params:
@@ -102,13 +97,3 @@ def spec_mismatch(expected: tuple, got: tuple) -> str | None:
         if exp[p][1] != new[p][1]:
             return f"leaf {p} has dtype {new[p][1]}, expected {exp[p][1]}"
     return "leaf order differs"
-
-
-def chunked_map(fn: Callable, xs: Any, chunk_size: int) -> Any:
-    """``jax.vmap(fn)(xs)`` computed sequentially in chunks of ``chunk_size`` rows.
-
-    Peak memory is set by ``chunk_size``; results are identical to the full vmap.
-    Usable inside ``jit``.
-    """
-    n = leading_size(xs)
-    return jax.lax.map(fn, xs, batch_size=min(chunk_size, n))
