@@ -260,7 +260,11 @@ def _topk_rows(params, sketch, queries, how, k):
         return hi, lo
 
     q = _tree.leading_size(queries)
-    empty = (jnp.full((q, k), -jnp.inf, _dtype(params)), jnp.zeros((q, k), jnp.int32))
+    # Scores take the dtype the readout produces (params, sketch and queries may
+    # differ, e.g. float32 weights with float64 inputs under x64).
+    one = jax.tree.map(lambda a: a[0], sketch.rows)
+    dtype = jax.eval_shape(per, one).dtype
+    empty = (jnp.full((q, k), -jnp.inf, dtype), jnp.zeros((q, k), jnp.int32))
     return jax.lax.fori_loop(0, -(-n // c), body, (empty, empty))
 
 
@@ -347,10 +351,6 @@ def _factored_self(params, sketch, examples, *, how):
 
     split = how.split(local, sketch, examples=True, out_axis=0)
     return split(params, sketch, examples)
-
-
-def _dtype(params):
-    return jnp.result_type(*jax.tree.leaves(params))
 
 
 def _best(vals, inds, k):

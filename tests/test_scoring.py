@@ -150,6 +150,18 @@ def test_top_k_and_self_influence_match_the_score_matrix(trained):
     assert_close(score.self_influence(data), np.diag(scores), rtol=1e-10)
 
 
+def test_top_k_with_float32_weights_and_float64_queries(trained):
+    # Regression: the running top-k carry took the weights' dtype, not the scores'.
+    task, params, data, _ = trained
+    weights = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    sketch = jaxattr.simulate(task, weights, data, key=jax.random.key(0), horizon=5)
+    score = jaxattr.scorer(task.margin, weights, sketch, train_chunk=7)
+    scores = np.asarray(score(data))
+    assert scores.dtype == np.float64
+    top = score.top_k(data, k=3)
+    np.testing.assert_array_equal(top.proponents, np.argsort(-scores, axis=1)[:, :3])
+
+
 def test_top_k_reports_ids_not_rows(trained):
     task, params, data, sketch = trained
     relabeled = jaxattr.DenseSketch(sketch.responses, sketch.ids + 1000, sketch.info)
