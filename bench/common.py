@@ -144,6 +144,7 @@ class Trained:
       plain_epoch_s: seconds per plain epoch (compilation excluded).
       sim_s: seconds of the simulated epochs.
       plain_run_s: estimated seconds of a whole plain run (epochs x plain epoch).
+      checkpoints: ``{epoch: params}`` after each epoch asked for in ``keep_epochs``.
     """
 
     params: Any
@@ -151,6 +152,7 @@ class Trained:
     plain_epoch_s: float
     sim_s: float
     plain_run_s: float
+    checkpoints: dict = dataclasses.field(default_factory=dict)
 
 
 def train_full(
@@ -159,13 +161,15 @@ def train_full(
     key: jax.Array,
     sim: jaxattr.InTraining | None,
     sim_epochs: int,
+    keep_epochs: tuple = (),
 ) -> Trained:
     """Trains on all of ``data`` exactly as :func:`jaxattr.evaluate.train_model`.
 
     Same initialisation, data order and minibatches for the same ``key``, so the
     result is the full-set model of :func:`jaxattr.evaluate.retrain` with that
     key (up to float rounding); the last ``sim_epochs`` epochs run the
-    in-training simulation ``sim``.
+    in-training simulation ``sim``. Parameters after epoch ``e`` (counted from 1)
+    are kept for every ``e`` in ``keep_epochs``.
     """
     n = len(data[1])
     init_key, order_key, _ = jax.random.split(key, 3)
@@ -174,7 +178,7 @@ def train_full(
     steps = setup.steps_per_epoch(n)
     first_sim = setup.epochs - sim_epochs if sim is not None else setup.epochs
     weights = jnp.ones(n, jnp.float32)
-    plain_times, state, sim_start = [], None, None
+    plain_times, state, sim_start, kept = [], None, None, {}
     sim_step = None if sim is None else jax.jit(sim.step, donate_argnums=0)
     for epoch in range(setup.epochs):
         idx, w = evaluate_train.epoch_batches(
@@ -185,6 +189,8 @@ def train_full(
             params, opt_state = _plain_epoch(setup, params, opt_state, data, idx, w)
             jax.block_until_ready(params)
             plain_times.append(time.perf_counter() - start)
+            if epoch + 1 in keep_epochs:
+                kept[epoch + 1] = jax.tree.map(jnp.copy, params)
             continue
         if state is None:
             sim_start = time.perf_counter()
@@ -196,7 +202,7 @@ def train_full(
     jax.block_until_ready(params)
     sim_s = 0.0 if sim_start is None else time.perf_counter() - sim_start
     per_epoch = float(np.median(plain_times[1:] or plain_times or [0.0]))
-    return Trained(params, sketch, per_epoch, sim_s, per_epoch * setup.epochs)
+    return Trained(params, sketch, per_epoch, sim_s, per_epoch * setup.epochs, kept)
 
 
 def _sim_epoch(sim_step, state, params, opt_state, data, idx, w):

@@ -67,6 +67,7 @@ class Config:
     noisy: bool = True
     noise: float = 0.1
     noisy_ensemble_max: int | None = None
+    noisy_checkpoints: tuple = (5, 10, 20)
     peers: bool = True
     peer_timeout: int = 1800
     seed: int = 0
@@ -183,7 +184,7 @@ def add_loo_truth(truth, config, setting, train, queries, k, cache_dir) -> None:
 # Models ----------------------------------------------------------------------
 
 
-def train_main(config, setting, task, train, key) -> common.Trained:
+def train_main(config, setting, task, train, key, keep=()) -> common.Trained:
     """The full-data model with in-training simulation in its last epochs."""
     sim = jaxattr.in_training(
         task,
@@ -192,7 +193,7 @@ def train_main(config, setting, task, train, key) -> common.Trained:
         batch_size=setting.batch_size,
     )
     return common.train_full(
-        setting.train_setup("fixed"), train, key, sim, config.sim_epochs
+        setting.train_setup("fixed"), train, key, sim, config.sim_epochs, keep
     )
 
 
@@ -291,7 +292,10 @@ def noisy_labels(config, setting, task, train, queries, truth, k, rows) -> dict:
     """AUC of each method's self-influence for finding flipped labels."""
     noisy_y, flipped = evaluate.flip_labels(k["noise"], train[1], config.noise, 10)
     noisy = (train[0], jnp.asarray(noisy_y))
-    trained = train_main(config, setting, task, noisy, jax.random.fold_in(k["loo"], 1))
+    keep = tuple(e for e in config.noisy_checkpoints if e < setting.epochs)
+    trained = train_main(
+        config, setting, task, noisy, jax.random.fold_in(k["loo"], 1), keep
+    )
     size = min(max(config.ensembles), config.noisy_ensemble_max or len(truth.weights))
     ensemble = train_ensemble(
         dataclasses.replace(config, ensembles=(size,)),
@@ -315,24 +319,63 @@ def noisy_labels(config, setting, task, train, queries, truth, k, rows) -> dict:
         ensemble,
     )
     log("noisy-label models trained")
-    out = {}
+    out, values = {}, {}
     for row in rows:
-        out[row.name] = _auc(row, ctx, flipped)
+        out[row.name] = _auc(row, ctx, flipped, values)
+    if trained.checkpoints:
+        row, out[row.name] = checkpoint_ensemble(ctx, trained, values, flipped)
+        rows.append(row)
     return out
 
 
-def _auc(row, ctx, flipped):
+def checkpoint_ensemble(ctx, trained, values, flipped) -> tuple:
+    """Self-influence summed over training checkpoints, each scaled to unit std.
+
+    A mislabeled example dominates its own gradient early in training, before the
+    network memorises it, so earlier checkpoints separate flipped labels better than
+    the final model; jaxattr post-hoc runs at its defaults on every checkpoint.
+    """
+    epochs = sorted(trained.checkpoints)
+    name = (
+        "jaxattr post-hoc (defaults), checkpoints "
+        + ", ".join(map(str, epochs))
+        + ", final"
+    )
+    start = time.perf_counter()
+    final = values.get("jaxattr post-hoc (defaults)")
+    if final is None:
+        final = methods._posthoc_self(ctx, methods.POSTHOC_DEFAULT)
+    parts = [np.asarray(final, np.float64)]
+    for epoch in epochs:
+        at = dataclasses.replace(ctx, params=trained.checkpoints[epoch], cache={})
+        parts.append(
+            np.asarray(methods._posthoc_self(at, methods.POSTHOC_DEFAULT), np.float64)
+        )
+    total = sum(np.nan_to_num(v) / max(np.std(np.nan_to_num(v)), 1e-30) for v in parts)
+    seconds = time.perf_counter() - start
+    log(f"self-influence {name}: {seconds:.0f} s")
+    row = infeasible(
+        name,
+        "noisy labels only: self-influence of the post-hoc defaults on each "
+        "checkpoint of the noisy-label run, each divided by its std, summed "
+        f"({seconds:.0f} s)",
+    )
+    return row, evaluate.auc(total, flipped)
+
+
+def _auc(row, ctx, flipped, values):
     if row.self_influence is None:
         return None
     if row.hparams.get("models", 1) > len(ctx.ensemble[0]) and "half" in row.name:
         return None  # more noisy-label models than noisy_ensemble_max
     try:
-        values, seconds = common.timed(row.self_influence, ctx, row.hparams)
+        found, seconds = common.timed(row.self_influence, ctx, row.hparams)
     except Exception:
         traceback.print_exc()
         return None
     log(f"self-influence {row.name}: {seconds:.0f} s")
-    return evaluate.auc(np.nan_to_num(values), flipped)
+    values[row.name] = found
+    return evaluate.auc(np.nan_to_num(found), flipped)
 
 
 # Table -----------------------------------------------------------------------------
@@ -412,7 +455,8 @@ def summary(rows: list, truth: Truth, config: Config) -> list:
         f"{config.num_test - tuned} queries, tuned on {tuned}.",
     ]
     for r in rows:
-        if r["name"].startswith("jaxattr") and trak1 and trakm:
+        ms = r["ms_per_query"]
+        if r["name"].startswith("jaxattr") and trak1 and trakm and np.isfinite(ms):
             lines.append(
                 f"{r['name']}: per-query cost {r['ms_per_query']:.2f} ms = "
                 f"{r['ms_per_query'] / trak1:.2f} x TRAK-1 ({trak1:.2f} ms), "
