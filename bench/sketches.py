@@ -365,7 +365,15 @@ def _top_fn(sc, dense, short, num_queries, opts) -> tuple:
         return (lambda q: _fields(sc.top_k(q, opts.top))), 128
     chunk = max(1, opts.rerank_rows // (2 * short))
     fn = lambda q: _fields(
-        jaxattr.rerank(sc, dense, q, k=opts.top, shortlist=short, query_chunk=chunk)
+        jaxattr.rerank(
+            sc,
+            dense,
+            q,
+            k=opts.top,
+            shortlist=short,
+            readout=jaxattr.CentralDifference(),
+            query_chunk=chunk,
+        )
     )
     return fn, _warm_size(num_queries, chunk)
 

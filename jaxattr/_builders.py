@@ -300,10 +300,19 @@ class Adaptive:
 
     def context(self, params, num_rows):
         flat, unravel = ravel_pytree(params)
-        return dict(unravel=unravel, size=flat.size, dtype=flat.dtype)
+        most = min(flat.size, num_rows)
+        if self.rank > most:
+            raise ValueError(
+                f"Adaptive(rank={self.rank}) asks for more directions than the "
+                f"{num_rows} x {flat.size} response matrix (examples x parameters) "
+                f"has; use rank <= {most}."
+            )
+        # Oversampling past the number of parameters adds nothing.
+        width = min(self.rank + self.oversample, flat.size)
+        return dict(unravel=unravel, size=flat.size, dtype=flat.dtype, width=width)
 
     def start(self, ctx):
-        y = jnp.zeros((self.rank + self.oversample, ctx["size"]), ctx["dtype"])
+        y = jnp.zeros((ctx["width"], ctx["size"]), ctx["dtype"])
         return BuildState(dict(y=y), [])
 
     def add(self, ctx, state, pass_index, responses, start):

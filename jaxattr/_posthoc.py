@@ -245,6 +245,7 @@ def simulate(
       >>> sketch.num_train
       8
     """
+    task.check_examples(params, train_data, "train_data")
     n = _tree.leading_size(train_data)
     curvature = default_curvature(task, n) if curvature is None else curvature
     horizon, chunk_size = _check_settings(curvature, horizon, damping, chunk_size)

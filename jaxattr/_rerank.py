@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr import _checks, _tree
-from jaxattr._readout import CentralDifference
 from jaxattr._scoring import Scorer, TopK
 from jaxattr._sketch import DenseSketch
 from jaxattr._types import Batch
@@ -27,11 +26,10 @@ def rerank(
 
     ``coarse`` (typically a scorer over a small factored sketch) proposes
     ``shortlist`` candidates on each side per query; each candidate is then
-    scored from its full response in ``exact`` with ``readout`` (two forward
-    evaluations per candidate with the default central difference), and the
-    best ``k`` of those are returned. Cost per query: the coarse scoring plus
-    ``4 * shortlist`` forward evaluations, instead of a readout per training
-    example.
+    scored from its full response in ``exact`` with ``readout``, and the best
+    ``k`` of those are returned. Cost per query: the coarse scoring plus
+    ``2 * shortlist`` readouts (one jvp each, or two forward evaluations each
+    with :class:`CentralDifference`), instead of a readout per training example.
 
     Args:
       coarse: a :class:`Scorer`; its measurement and parameters are reused.
@@ -41,8 +39,11 @@ def rerank(
       queries: the query batch.
       k: results per side.
       shortlist: candidates per side, ``>= k``.
-      readout: readout of the exact scores; :class:`CentralDifference` by
-        default.
+      readout: readout of the exact scores; by default the coarse scorer's
+        (:class:`JVP` unless it was given another), so that with a shortlist
+        covering every example the result equals ``exact``'s own top-k. Pass
+        :class:`CentralDifference` for models that only evaluate; on ReLU
+        networks its finite step can cross kinks, so prefer :class:`JVP` there.
       query_chunk: queries re-scored at once (memory grows with
         ``query_chunk * 2 * shortlist`` responses).
 
@@ -53,8 +54,13 @@ def rerank(
     shortlist = _checks.positive_int("shortlist", shortlist)
     if shortlist < k:
         raise ValueError(f"shortlist={shortlist} must be >= k={k}.")
+    if shortlist > exact.num_train:
+        raise ValueError(
+            f"shortlist={shortlist} exceeds the {exact.num_train} training examples "
+            "in the exact sketch; use shortlist <= num_train."
+        )
     exact.check_params(coarse.params)
-    readout = CentralDifference() if readout is None else readout
+    readout = coarse.readout if readout is None else readout
     rows_of = _row_lookup(np.asarray(exact.ids))
     proposed = coarse.top_k(queries, shortlist)
     candidates = np.concatenate(

@@ -73,6 +73,7 @@ class Scorer:
 
     def __call__(self, queries: Batch) -> Array:
         """Scores ``(num_queries, num_train)`` for a batch of query examples."""
+        self._check(queries, "queries")
         kernel = _factored_scores if self._factored else _scores_block
         out = [self._run(kernel, chunk)[:m] for chunk, m in self._query_chunks(queries)]
         out = jnp.concatenate(out, axis=0)
@@ -87,6 +88,7 @@ class Scorer:
                 f"k={k} exceeds the {self.sketch.num_train} training examples "
                 "in the sketch; use k <= num_train."
             )
+        self._check(queries, "queries")
         kernel = _factored_topk if self._factored else _topk_block
         parts = [
             jax.tree.map(lambda a, m=m: a[:m], self._run(kernel, chunk, k=k))
@@ -102,6 +104,7 @@ class Scorer:
         ``train_data`` rows must be in the sketch's row order. High values flag
         examples the model fits only by memorising them (often mislabeled).
         """
+        self._check(train_data, "train_data")
         n = _tree.leading_size(train_data)
         if n != self.sketch.num_train:
             raise ValueError(
@@ -113,6 +116,12 @@ class Scorer:
         size = _tree.leading_size(self._stored.ids)
         out = self._run(kernel, _tree.pad_rows(train_data, size))
         return out if size == n else out[:n]
+
+    def _check(self, examples, what):
+        """The measurement's own example check (e.g. labels in range), if any."""
+        check = getattr(self._how.measure, "check_examples", None)
+        if check is not None:
+            check(self.params, examples, what)
 
     @property
     def _factored(self) -> bool:

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxattr._curvature import GaussNewton
@@ -30,12 +31,25 @@ class Task:
       margin_view: optional ``(margin, link_loss)`` pair with
         ``loss == link_loss(margin(params, z))``; enables the margin curvature
         (one output per example) for classification.
+      check: optional ``check(params, examples, what)`` that raises a
+        ``ValueError``/``TypeError`` for a batch of examples this task cannot
+        take (``what`` names the batch in the message); measurements carry it
+        too (``measure.check_examples``) so that scorers can check queries.
     """
 
     outputs: Callable[[Params, Example], Array]
     output_loss: Callable[[Array, Example], Array]
     measurements: tuple = ()
     margin_view: tuple | None = None
+    check: Callable[[Params, Any, str], None] | None = None
+
+    def check_examples(self, params: Params, examples: Any, what: str) -> None:
+        """Raises a clear error if a batch of ``examples`` cannot be this task's.
+
+        Does nothing for tasks without a ``check`` or for traced examples.
+        """
+        if self.check is not None:
+            self.check(params, examples, what)
 
     def loss(self, params: Params, example: Example) -> Array:
         """Training loss of one example."""
@@ -122,10 +136,74 @@ def classification(apply: Callable[[Params, Any], Array]) -> Task:
     def neg_loss(params, example):
         return -output_loss(outputs(params, example), example)
 
+    def check(params, examples, what):
+        _check_labeled(apply, params, examples, what)
+
     margin = _name(margin, "margin")
     neg_loss = _name(neg_loss, "neg_loss")
+    margin.check_examples = neg_loss.check_examples = check
     link = lambda m, example: jax.nn.softplus(-m)
-    return Task(outputs, output_loss, (margin, neg_loss), (margin, link))
+    return Task(outputs, output_loss, (margin, neg_loss), (margin, link), check)
+
+
+def _check_labeled(apply, params, examples, what):
+    """Examples of :func:`classification`: ``(inputs, labels)``, labels in range."""
+    if not isinstance(examples, (tuple, list)) or len(examples) != 2:
+        got = (
+            f"a {type(examples).__name__} of {len(examples)}"
+            if isinstance(examples, (tuple, list))
+            else f"a {type(examples).__name__}"
+        )
+        raise TypeError(
+            f"{what} must be a pair (inputs, labels), each with a leading example "
+            f"axis; got {got}. Pass e.g. (x, y) with x of shape (n, ...) and y "
+            "of shape (n,)."
+        )
+    x, y = examples
+    leaves = jax.tree.leaves(x) + [y]
+    if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        return  # traced: checked where the values are concrete
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(
+            f"{what} labels must be class indices of shape (n,), got shape "
+            f"{y.shape}. For one-hot labels pass y.argmax(-1)."
+        )
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in jax.tree.leaves(x)}
+    if sizes != {len(y)}:
+        raise ValueError(
+            f"{what} has {len(y)} labels but inputs with leading sizes "
+            f"{sorted(sizes, key=str)}; give one label per input."
+        )
+    if y.dtype.kind not in "iu" and not (
+        y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))
+    ):
+        raise TypeError(
+            f"{what} labels must be integer class indices, got dtype {y.dtype}. "
+            "Cast them with y.astype(np.int32)."
+        )
+    if not len(y):
+        return
+    first = jax.tree.map(lambda a: a[0], x)
+    try:
+        logits = jax.eval_shape(apply, params, first)
+    except Exception as err:
+        shapes = jax.tree.map(lambda a: tuple(np.shape(a)[1:]), x)
+        raise ValueError(
+            f"The model cannot take one {what} input of shape {shapes} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}). Give inputs "
+            "shaped like the training inputs, with a leading example axis."
+        ) from err
+    classes = logits.shape[-1] if logits.shape else 1
+    bad = np.flatnonzero((y < 0) | (y >= classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{what} label {y[i].item()!r} at position {i} is outside "
+            f"0..{classes - 1} "
+            f"(the model has {classes} outputs); {bad.size} label(s) are out of "
+            "range. Labels must be class indices; drop or remap the others."
+        )
 
 
 def _margin_of(logits: Array, label: Array) -> Array:

@@ -221,3 +221,32 @@ def test_ensemble_is_the_weighted_sum_of_its_scorers(trained):
     assert_close(ens.self_influence(data), np.diag(expected), rtol=1e-9)
     with pytest.raises(ValueError, match="Got 1 weights for 2 scorers"):
         jaxattr.Ensemble([a, b], weights=[1.0])
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda x, y: (x, jnp.full_like(y, 7)), ValueError, r"label 7 .* 0\.\.2"),
+        (lambda x, y: (x, y.at[3].set(-1)), ValueError, "label -1 at position 3"),
+        (lambda x, y: x, TypeError, r"pair \(inputs, labels\)"),
+        (lambda x, y: (x[:, :3], y), ValueError, r"cannot take one queries input"),
+        (lambda x, y: (x, jax.nn.one_hot(y, 3)), ValueError, "argmax"),
+        (lambda x, y: (x, y[:-1]), ValueError, "one label per input"),
+        (lambda x, y: (x, y + 0.5), TypeError, "integer class indices"),
+    ],
+)
+def test_queries_a_classifier_cannot_take_are_refused(trained, make, error, message):
+    task, params, (x, y), sketch = trained
+    score = jaxattr.scorer(task.margin, params, sketch)
+    bad = make(x[:10], y[:10])
+    for call in (score, lambda q: score.top_k(q, k=2)):
+        with pytest.raises(error, match=message):
+            call(bad)
+
+
+def test_training_labels_out_of_range_are_named(trained):
+    task, params, (x, y), _ = trained
+    with pytest.raises(ValueError, match="train_data label 5 at position 4"):
+        jaxattr.simulate(
+            task, params, (x, y.at[4].set(5)), key=jax.random.key(0), horizon=2
+        )

@@ -204,13 +204,20 @@ def test_rerank_recovers_the_exact_top_k_from_a_coarse_shortlist(dense):
     full = jaxattr.rerank(coarse, sketch, data, k=3, shortlist=20)
     np.testing.assert_array_equal(full.proponents, exact.proponents)
     np.testing.assert_array_equal(full.opponents, exact.opponents)
-    assert_close(full.proponent_scores, exact.proponent_scores, rtol=1e-8)
+    # The default readout is the coarse scorer's (jvp), so equal to float rounding.
+    assert_close(full.proponent_scores, exact.proponent_scores, rtol=1e-12)
+    two_forward = jaxattr.rerank(
+        coarse, sketch, data, k=3, shortlist=20, readout=jaxattr.CentralDifference()
+    )
+    assert_close(two_forward.proponent_scores, exact.proponent_scores, rtol=1e-6)
     # A short list is exact where the coarse sketch found the true top-k.
     short = jaxattr.rerank(coarse, sketch, data, k=3, shortlist=8, query_chunk=3)
     for got, want in zip(short.proponents, exact.proponents, strict=True):
         assert len(set(np.asarray(got)) & set(np.asarray(want))) >= 1
     with pytest.raises(ValueError, match="shortlist=2 must be >= k=3"):
         jaxattr.rerank(coarse, sketch, data, k=3, shortlist=2)
+    with pytest.raises(ValueError, match="shortlist=21 exceeds the 20 training"):
+        jaxattr.rerank(coarse, sketch, data, k=3, shortlist=21)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "ggn"])
@@ -259,3 +266,13 @@ def test_curvature_basis_coefficients_are_the_response_coordinates(dense):
         )
     with pytest.raises(TypeError, match="cannot re-encode stored responses"):
         jaxattr.compress(sketch, jaxattr.CurvatureBasis(2), params)
+
+
+def test_adaptive_oversampling_past_the_parameters_and_too_high_a_rank(dense):
+    task, params, data, sketch, kwargs = dense  # 20 examples, 43 parameters
+    wide = jaxattr.Adaptive(20, jax.random.key(0), oversample=40)
+    full = jaxattr.compress(sketch, wide, params)
+    exact = scores(task, params, sketch, data)
+    assert_close(scores(task, params, full, data), exact, rtol=1e-8)
+    with pytest.raises(ValueError, match=r"rank=21\).* use rank <= 20"):
+        jaxattr.compress(sketch, jaxattr.Adaptive(21, jax.random.key(0)), params)
