@@ -212,15 +212,23 @@ def in_training(
                 f"in_training was built with batch_size={batch_size} but got a batch "
                 f"of {n} rows. Pad short batches to batch_size with rows of id -1."
             )
+        # Shape and dtype are known even under jit; values only when concrete
+        # (under jit bad values are flagged and raised by finalize).
+        shape, dtype = np.shape(ids), jnp.result_type(ids)
+        if shape != (batch_size,):
+            raise ValueError(
+                f"ids must have shape ({batch_size},), one per batch row; "
+                f"got {shape}."
+            )
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"ids must be integers (row of each example in the training set, "
+                f"-1 for padding), got dtype {dtype}; cast with ids.astype(np.int32)."
+            )
         if isinstance(ids, jax.core.Tracer):
             return
         arr = np.asarray(ids)
-        if arr.shape != (batch_size,):
-            raise ValueError(
-                f"ids must have shape ({batch_size},), one per batch row; "
-                f"got {arr.shape}."
-            )
-        real = arr[arr != -1] if np.issubdtype(arr.dtype, np.integer) else arr
+        real = arr[arr != -1]
         num_train = jax.tree.leaves(state.responses)[0].shape[0]
         check_ids(real, num_train, what="ids (use -1 for padding rows)")
 

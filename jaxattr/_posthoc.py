@@ -246,6 +246,7 @@ def simulate(
       8
     """
     task.check_examples(params, train_data, "train_data")
+    _check_builder(sketch)
     n = _tree.leading_size(train_data)
     curvature = default_curvature(task, n) if curvature is None else curvature
     horizon, chunk_size = _check_settings(curvature, horizon, damping, chunk_size)
@@ -486,6 +487,16 @@ def default_curvature(task: Task, num_train: int) -> GaussNewton | LowRank:
 
 
 MAX_DEFAULT_CURVATURE_BATCH = 8192
+
+
+def _check_builder(sketch) -> None:
+    if sketch is not None and not hasattr(sketch, "context"):
+        raise TypeError(
+            f"sketch must be a sketch builder such as jaxattr.Dense(), "
+            "jaxattr.Grouped(groups), jaxattr.Projected(dim, key), "
+            "jaxattr.Adaptive(rank, key), jaxattr.LayerLowRank(rank) or "
+            f"jaxattr.CurvatureBasis(rank); got {sketch!r}."
+        )
 
 
 def _check_settings(curvature, horizon, damping, chunk_size):

@@ -177,13 +177,28 @@ def setup(x64):
         ),
         ([0, 1, 1, 2], r"must be unique; duplicated: \[1\]"),
         ([0, 1, 2], r"ids must have shape \(4,\)"),
-        ([0.0, 1.0, 2.0, 3.0], "must be a 1-D array of integers"),
+        ([0.0, 1.0, 2.0, 3.0], "ids must be integers"),
     ],
 )
 def test_bad_ids_are_refused_before_anything_changes(setup, ids, match):
     sim, params, opt_state, (x, y), state = setup
     with pytest.raises((ValueError, TypeError), match=match):
         sim.update(state, params, opt_state, (x[:4], y[:4]), np.asarray(ids))
+
+
+@pytest.mark.parametrize(
+    "ids, error, match",
+    [
+        (jnp.array([0, 1, 2]), ValueError, r"ids must have shape \(4,\)"),
+        (jnp.array([0.0, 1.0, 2.0, 3.0]), TypeError, "ids must be integers"),
+    ],
+)
+def test_ids_of_the_wrong_shape_or_dtype_are_refused_under_jit(
+    setup, ids, error, match
+):
+    sim, params, opt_state, (x, y), state = setup
+    with pytest.raises(error, match=match):
+        jax.jit(sim.update)(state, params, opt_state, (x[:4], y[:4]), ids)
 
 
 def test_bad_ids_inside_jit_are_reported_by_finalize(setup):

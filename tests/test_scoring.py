@@ -250,3 +250,9 @@ def test_training_labels_out_of_range_are_named(trained):
         jaxattr.simulate(
             task, params, (x, y.at[4].set(5)), key=jax.random.key(0), horizon=2
         )
+
+
+def test_a_sketch_that_is_not_a_builder_is_refused(trained):
+    task, params, data, _ = trained
+    with pytest.raises(TypeError, match=r"sketch builder .* got 'dense'"):
+        jaxattr.simulate(task, params, data, key=jax.random.key(0), sketch="dense")
