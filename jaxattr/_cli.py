@@ -141,6 +141,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def _check_writable(path: str, flag: str) -> None:
     """Fails early, before any training, if ``path`` cannot be written."""
+    if not path:
+        raise InputError(f"{flag} got an empty path; pass a file path.")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise InputError(f"{flag} {path!r} is a directory; pass a file path.")
@@ -149,10 +151,16 @@ def _check_writable(path: str, flag: str) -> None:
             f"{flag} {path!r}: the folder {folder!r} does not exist. Create it or "
             "choose another path."
         )
-    if not os.access(folder, os.W_OK) or (
-        os.path.exists(path) and not os.access(path, os.W_OK)
-    ):
-        raise InputError(f"{flag} {path!r} is not writable; choose another path.")
+    existed = os.path.exists(path)
+    try:  # access() says yes to root even where writing fails (e.g. /proc)
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise InputError(
+            f"{flag} {path!r} is not writable ({err.strerror}); choose another path."
+        ) from None
+    if not existed:
+        os.remove(path)
 
 
 def _positive_int(text: str) -> int:

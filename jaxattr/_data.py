@@ -90,8 +90,8 @@ def load_npz(
     """Images and labels from an .npz with ``x_train, y_train, x_test, y_test``.
 
     Images are ``(n, ...)`` numeric arrays, labels ``(n,)`` class indices.
-    Integer pixels (0..255) are divided by 255, float pixels are taken as they
-    are; then ``(x - 0.1307) / 0.3081`` (MNIST's statistics, as in dattri).
+    Integer pixels (0..255) are divided by 255, float pixels must already lie in
+    [0, 1]; then ``(x - 0.1307) / 0.3081`` (MNIST's statistics, as in dattri).
 
     Args:
       path: the .npz file.
@@ -189,6 +189,12 @@ def _check_pair(x: np.ndarray, y: np.ndarray, split: str, path: str) -> None:
         raise InputError(
             f"{where} holds integer pixels in [{x.min()}, {x.max()}]; integer pixels "
             "must lie in 0..255 (or store floats in [0, 1])."
+        )
+    if np.issubdtype(x.dtype, np.floating) and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
+        raise InputError(
+            f"{where} holds float pixels in [{x.min():g}, {x.max():g}]; float pixels "
+            "must lie in [0, 1] (the demo then applies MNIST's normalisation). "
+            "Divide them by 255, or store them as uint8 0..255."
         )
     _check_labels(y, len(x), f"{path}: y_{split}")
 

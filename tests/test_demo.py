@@ -177,6 +177,8 @@ def _fails(argv, capsys, *phrases):
         (["--num-test", "4", "--queries", "5"], "--queries 5 exceeds"),
         (["--num-train", "5", "--top-k", "6"], "--top-k 6 exceeds"),
         (["--out-png", "/no/such/folder/x.png"], "does not exist"),
+        (["--out-png="], "empty path"),
+        (["--json", "/proc/jaxattr.json"], "is not writable"),
     ],
 )
 def test_bad_arguments(extra, phrase, capsys):
@@ -220,6 +222,7 @@ def _npz(tmp_path, **overrides):
         ({"y_train": -np.ones(20, int)}, "class indices"),
         ({"x_train": np.full((20, 4, 4), np.nan)}, "NaN"),
         ({"x_train": np.full((20, 4, 4), 300)}, "0..255"),
+        ({"x_train": np.full((20, 4, 4), 255.0)}, "Divide them by 255"),
         ({"x_test": np.zeros((6, 5, 5), np.uint8)}, "same shape"),
         ({"x_train": np.array([None] * 20, dtype=object)}, "Could not read"),
     ],
