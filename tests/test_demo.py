@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import pathlib
 import re
 from decimal import Decimal
 
@@ -248,7 +249,10 @@ def test_missing_and_unreadable_files(tmp_path, capsys):
     _fails(["demo", "--data", str(single)], capsys, "single array")
 
 
-MNIST = os.environ.get("JAXATTR_MNIST", "/work/shared/data/mnist.npz")
+# $JAXATTR_MNIST, else ../shared/data/mnist.npz beside the repository (as bench/).
+MNIST = os.environ.get("JAXATTR_MNIST") or str(
+    pathlib.Path(__file__).resolve().parents[2] / "shared/data/mnist.npz"
+)
 
 
 @pytest.mark.skipif(not os.path.exists(MNIST), reason="MNIST .npz not available")
