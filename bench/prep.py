@@ -329,3 +329,13 @@ def table(head: list, rows: list) -> str:
     )
     line = cells([name for name, _ in head])
     return "\n".join([line, "-" * len(line)] + [cells(r) for r in rows])
+
+
+def main_of(name: str, config, opts, args, run: Callable, text: Callable) -> int:
+    """The shared command-line body: prepare, run, print the tables, write JSON."""
+    log(f"{name}: {config}; {opts}")
+    p = prepare(config, args.data)
+    report = run(p, opts, cache_dir(args))
+    print(text(report))
+    write(report, args.out)
+    return 0

@@ -587,12 +587,7 @@ def parse(argv=None) -> tuple:
 
 def main(argv=None) -> int:
     config, opts, args = parse(argv)
-    prep.log(f"sketches: {config}; {opts}")
-    p = prep.prepare(config, args.data)
-    report = run(p, opts, prep.cache_dir(args))
-    print(text(report))
-    prep.write(report, args.out)
-    return 0
+    return prep.main_of("sketches", config, opts, args, run, text)
 
 
 if __name__ == "__main__":

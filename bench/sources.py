@@ -409,12 +409,7 @@ def main(argv=None) -> int:
             f"TRAK-{max(opts.ensembles)} needs {max(opts.ensembles)} half-data "
             f"models but there are {config.subsets} LDS subsets; lower --ensembles."
         )
-    prep.log(f"sources: {config}; {opts}")
-    p = prep.prepare(config, args.data)
-    report = run(p, opts, prep.cache_dir(args))
-    print(text(report))
-    prep.write(report, args.out)
-    return 0
+    return prep.main_of("sources", config, opts, args, run, text)
 
 
 if __name__ == "__main__":
