@@ -217,8 +217,7 @@ def in_training(
         shape, dtype = np.shape(ids), jnp.result_type(ids)
         if shape != (batch_size,):
             raise ValueError(
-                f"ids must have shape ({batch_size},), one per batch row; "
-                f"got {shape}."
+                f"ids must have shape ({batch_size},), one per batch row; got {shape}."
             )
         if not jnp.issubdtype(dtype, jnp.integer):
             raise TypeError(

@@ -267,3 +267,12 @@ def test_divergence_is_reported_without_traceback(tmp_path, capsys):
     args = ["demo", "--lr", "1000", "--epochs", "2", "--horizon", "1", "--no-progress"]
     more = ["--num-train", "64", "--num-test", "8", "--batch-size", "32"]
     _fails([*args, *more, "--out-png", str(tmp_path / "d.png")], capsys, "--lr")
+
+
+def test_progress_into_a_log_file_draws_about_ten_lines(capsys):
+    from jaxattr._progress import progress
+
+    assert list(progress(range(1200), 1200, "steps", True)) == list(range(1200))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and "\r" not in "".join(lines)
+    assert lines[-1].startswith("steps: [########################] 1200/1200")
