@@ -70,3 +70,27 @@ def losses_in_chunks(loss: Callable, params: Any, data: Any, chunk: int) -> np.n
         )
         out.append(np.asarray(_losses(loss, params, rows))[: min(chunk, n - start)])
     return np.concatenate(out)
+
+
+def finite_examples(examples: Any, what: str) -> None:
+    """Raises ValueError naming the first example with a NaN or infinite entry.
+
+    Checks concrete floating-point leaves only (traced or integer leaves pass).
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(examples):
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(
+            jnp.result_type(leaf), jnp.inexact
+        ):
+            continue
+        arr = np.asarray(leaf)
+        if arr.ndim == 0 or arr.size == 0:
+            continue
+        ok = np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise ValueError(
+                f"{what} example {int(bad[0])} has a NaN or infinite entry in "
+                f"leaf {jax.tree_util.keystr(path) or '(root)'}"
+                + (f" ({bad.size - 1} more examples too)" if bad.size > 1 else "")
+                + "; its scores would be NaN. Fix or drop it."
+            )

@@ -118,10 +118,11 @@ class Scorer:
         return out if size == n else out[:n]
 
     def _check(self, examples, what):
-        """The measurement's own example check (e.g. labels in range), if any."""
+        """Finite entries, and the measurement's own check (e.g. labels in range)."""
         check = getattr(self._how.measure, "check_examples", None)
         if check is not None:
             check(self.params, examples, what)
+        _checks.finite_examples(examples, what)
 
     @property
     def _factored(self) -> bool:

@@ -256,3 +256,10 @@ def test_a_sketch_that_is_not_a_builder_is_refused(trained):
     task, params, data, _ = trained
     with pytest.raises(TypeError, match=r"sketch builder .* got 'dense'"):
         jaxattr.simulate(task, params, data, key=jax.random.key(0), sketch="dense")
+
+
+def test_a_nan_query_is_named(trained):
+    task, params, (x, y), sketch = trained
+    score = jaxattr.scorer(task.margin, params, sketch)
+    with pytest.raises(ValueError, match="queries example 3 has a NaN"):
+        score((x[:6].at[3, 1].set(jnp.nan), y[:6]))
