@@ -155,6 +155,8 @@ def test_top_k_with_float32_weights_and_float64_queries(trained):
     task, params, data, _ = trained
     weights = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     sketch = jaxattr.simulate(task, weights, data, key=jax.random.key(0), horizon=5)
+    # Stored in the weights' dtype, as its metadata says, not promoted to float64.
+    assert {a.dtype for a in jax.tree.leaves(sketch.responses)} == {np.dtype("float32")}
     score = jaxattr.scorer(task.margin, weights, sketch, train_chunk=7)
     scores = np.asarray(score(data))
     assert scores.dtype == np.float64
