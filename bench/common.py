@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ import optax
 
 import jaxattr
 from jaxattr import evaluate
+from jaxattr._demo import MLP  # the demo's model: one definition for both
 from jaxattr.evaluate import _train as evaluate_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,19 +59,6 @@ def _normalise(x: np.ndarray, y: np.ndarray) -> tuple:
 
 
 # Models and settings --------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """ReLU multilayer perceptron on one flattened image (no batch axis)."""
-
-    hidden: tuple = (128, 64)
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
 
 
 @dataclasses.dataclass(frozen=True)

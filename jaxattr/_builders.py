@@ -59,23 +59,14 @@ class Dense:
     passes = 1
 
     def context(self, params, num_rows):
-        # Default: each leaf in its parameter's dtype, also when float64 inputs
-        # (x64 on) promoted the computation of float32 parameters' responses.
-        leaves, treedef = jax.tree.flatten(params)
-        return treedef, tuple(jnp.result_type(a) for a in leaves)
+        return None
 
     def start(self, ctx):
         return BuildState({}, [])
 
     def add(self, ctx, state, pass_index, responses, start):
-        if self.dtype is None:
-            treedef, dtypes = ctx
-            leaves = treedef.flatten_up_to(responses)
-            cast = [a.astype(d) for a, d in zip(leaves, dtypes, strict=True)]
-            responses = jax.tree.unflatten(treedef, cast)
-        else:
-            responses = jax.tree.map(lambda a: a.astype(self.dtype), responses)
-        return BuildState(state.acc, state.parts + [responses])
+        cast = (lambda a: a) if self.dtype is None else (lambda a: a.astype(self.dtype))
+        return BuildState(state.acc, state.parts + [jax.tree.map(cast, responses)])
 
     def end_pass(self, ctx, state, pass_index):
         return state

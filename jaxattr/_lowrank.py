@@ -185,7 +185,9 @@ def gradient_closed_form(
     def respond_to(g):
         g = ravel_pytree(g)[0]
         coef = basis.vectors @ g
-        return unravel(-(phi0 * g + basis.vectors.T @ ((phi - phi0) * coef)))
+        r = -(phi0 * g + basis.vectors.T @ ((phi - phi0) * coef))
+        # A float64 basis (x64 on, float64 data) must not promote float32 responses.
+        return unravel(r.astype(g.dtype))
 
     return respond_to
 
